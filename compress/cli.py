@@ -1,0 +1,111 @@
+"""Command line: thin; parses arguments and imports the heavy stages lazily.
+
+    compress run profile=phone [key=value ...]   distill, export, quantize, evaluate, report
+    compress ls profiles|formats|keys            what can be chosen
+    compress report runs/<name>                  rebuild a run's report from its meta files
+    compress compare runs/a runs/b [--out DIR]   one table across runs
+
+Bad input prints one line and exits 2; --debug shows the traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    from .errors import UserError
+    try:
+        return dispatch(argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if debug:
+            raise
+        # disk full, read-only output, permission: say which path and that nothing half-written remains
+        print(f"error: {e.strerror or e} ({e.filename or 'output'}); finished stages are kept, "
+              f"the unfinished one was discarded: free space or fix permissions and re-run", file=sys.stderr)
+        return 2
+
+
+def dispatch(argv: list[str]) -> int:
+    from .errors import UserError, closest
+    commands = ["run", "ls", "report", "compare"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        from .config import load_config
+        from .pipeline import run
+        cfg = load_config(rest)
+        run(cfg)
+        return 0
+    if cmd == "ls":
+        return list_things(rest)
+    if cmd == "report":
+        if len(rest) != 1:
+            raise UserError("usage: compress report runs/<name>")
+        from .report import print_table, write
+        import json
+        paths = write(rest[0])
+        with open(paths["json"]) as f:
+            print_table(json.load(f))
+        print("\n".join(f"report: {p}" for k, p in paths.items() if k in ("md", "html")))
+        return 0
+    if cmd == "compare":
+        out = None
+        if "--out" in rest:
+            i = rest.index("--out")
+            if i + 1 >= len(rest):
+                raise UserError("--out needs a directory, e.g. compress compare runs/a runs/b --out cmp")
+            out = rest[i + 1]
+            rest = rest[:i] + rest[i + 2:]
+        if len(rest) < 1:
+            raise UserError("usage: compress compare runs/a runs/b [--out DIR]")
+        from .report.compare import compare
+        compare(rest, out)
+        return 0
+    raise UserError(f"unknown command '{cmd}'{closest(cmd, commands)}; commands: {', '.join(commands)}")
+
+
+def list_things(rest: list[str]) -> int:
+    from .errors import UserError, closest
+    what = rest[0] if rest else "profiles"
+    if what == "profiles":
+        from .config import list_profiles, read_profile
+        for name in list_profiles():
+            dev = read_profile(name).get("device", {})
+            print(f"{name:14s} {dev.get('name', '')}")
+    elif what == "formats":
+        from .quantize.types import QUANTIZED, UNQUANTIZED
+        print("export.gguf:   " + " ".join(UNQUANTIZED))
+        print("quantize.gguf: " + " ".join(QUANTIZED))
+    elif what == "keys":
+        from .config import RunConfig
+        for key, default in flat_defaults(RunConfig()):
+            print(f"{key:28s} {default!r}")
+    else:
+        raise UserError(f"unknown listing '{what}'{closest(what, ['profiles', 'formats', 'keys'])}; "
+                        f"use: compress ls profiles|formats|keys")
+    return 0
+
+
+def flat_defaults(obj, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from flat_defaults(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value

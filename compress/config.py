@@ -1,0 +1,293 @@
+"""Run configuration: one small dataclass per stage, merged from defaults <- profile <- key=value.
+
+    cfg = load_config(["profile=phone", "student.layers=12", "quantize.gguf=[Q8_0,Q4_K_M]"])
+
+Unknown keys and profiles are errors that name the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError, closest
+
+BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
+
+
+@dataclass
+class Device:
+    """Facts about the target device, used for budgets and labelled estimates."""
+    name: str = "this host"
+    threads: int = 4
+    ram_mb: int = 8192
+    bandwidth_gbs: float = 25.0     # sustained memory bandwidth: bounds decode speed
+    compute_gflops: float = 200.0   # sustained fp16/int8 matmul throughput: bounds prefill speed
+
+
+@dataclass
+class Budgets:
+    """What an artifact must meet to be shippable on the device; None means no limit."""
+    max_size_mb: float | None = None
+    max_peak_rss_mb: float | None = None
+    min_decode_tps: float | None = None
+    max_kld: float | None = None        # mean KL(teacher || artifact), nats/token
+
+
+@dataclass
+class Student:
+    model: str | None = None        # an HF id/dir sharing the teacher's tokenizer; else derived
+    layers: int | None = None       # keep this many of the teacher's layers
+    select: str = "importance"      # importance (block influence) | even
+
+
+@dataclass
+class Gen:
+    """Built-in data: the teacher answers built-in prompts (used when data= is not given)."""
+    prompts: int = 160
+    max_new_tokens: int = 160
+    temperature: float = 0.7
+    top_p: float = 0.9
+    heldout: float = 0.15           # fraction of examples never trained on
+    seed: int = 0
+
+
+@dataclass
+class Distill:
+    tokens: int = 20_000            # training tokens seen (sum over steps)
+    seq_len: int = 256
+    batch: int = 4                  # sequences per optimizer step (after accumulation)
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup: float = 0.1             # fraction of steps
+    alpha: float = 0.9              # weight of the KD term; (1 - alpha) goes to CE on the data
+    alpha_end: float | None = None  # schedule target; None keeps alpha constant
+    temperature: float = 2.0
+    temperature_end: float | None = None
+    schedule: str = "linear"        # how alpha/temperature move to their *_end values: linear | cosine
+    checkpoint_every: int = 20      # optimizer steps between atomic checkpoints
+    seed: int = 0
+
+
+@dataclass
+class Export:
+    gguf: str = "F16"               # F16 | BF16 | F32: the unquantized GGUF every quant starts from
+
+
+@dataclass
+class Quantize:
+    gguf: list = field(default_factory=lambda: ["Q8_0", "Q4_K_M", "Q4_0"])
+    imatrix: bool = True            # importance matrix from the calibration (training) data
+    imatrix_tokens: int = 4096
+
+
+@dataclass
+class Eval:
+    threads: int | None = None      # None: the profile's device threads, capped by host cores
+    seqs: int = 16                  # held-out sequences for ppl / KLD / top-1
+    seq_len: int = 128
+    prefill_tokens: int = 128
+    decode_tokens: int = 32
+    memory: bool = True             # peak RSS in a separate process
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None
+    profile: str | None = None
+    teacher: str = BUILTIN_TEACHER
+    data: str | None = None         # .txt | .jsonl | HF dataset name; None: teacher-generated
+    out: str = "runs"
+    stages: list | None = None      # redo only these stages (others are reused when finished)
+    force: bool = False             # redo every stage
+    trust_remote_code: bool = False
+    device: Device = field(default_factory=Device)
+    budgets: Budgets = field(default_factory=Budgets)
+    student: Student = field(default_factory=Student)
+    gen: Gen = field(default_factory=Gen)
+    distill: Distill = field(default_factory=Distill)
+    export: Export = field(default_factory=Export)
+    quantize: Quantize = field(default_factory=Quantize)
+    eval: Eval = field(default_factory=Eval)
+
+    def section(self, name: str) -> dict:
+        return dataclasses.asdict(getattr(self, name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+
+STAGES = ["teacher", "data", "student", "distill", "export", "quantize", "evaluate", "report"]
+# `student=path` is shorthand for `student.model=path`.
+SHORTHANDS = {"student": "student.model"}
+
+
+# ---------------------------------------------------------------- profiles
+
+def profiles_dir() -> Path:
+    """Shipped profiles: package data after `pip install .`, the top-level folder in a checkout."""
+    installed = Path(str(resources.files("compress"))) / "profiles"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "profiles"
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+def read_profile(spec: str) -> dict:
+    path = Path(spec)
+    if spec.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise UserError(f"profile file {spec} does not exist; give a path to a YAML file or one of: {', '.join(list_profiles())}")
+    else:
+        path = profiles_dir() / f"{spec}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown profile '{spec}'{closest(spec, list_profiles())}; "
+                            f"choose one of: {', '.join(list_profiles())} or give profile=path/to/my.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"profile {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"profile {path} must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("inherits", None)   # a profile may start from another and change a few keys
+    return _deep_merge(read_profile(base), data) if base else data
+
+
+# ---------------------------------------------------------------- key=value parsing
+
+def parse_overrides(args: list[str]) -> dict:
+    """['a.b=1', 'q=[x,y]'] -> {'a': {'b': 1}, 'q': ['x', 'y']} with YAML scalars."""
+    out: dict = {}
+    for arg in args:
+        if "=" not in arg:
+            raise UserError(f"expected key=value, got '{arg}'; e.g. profile=phone or student.layers=12")
+        key, raw = arg.split("=", 1)
+        key = SHORTHANDS.get(key.strip(), key.strip())
+        value = _parse_value(raw)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"key '{key}' conflicts with an earlier value for '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+def _parse_value(raw: str):
+    raw = raw.strip()
+    if raw.startswith("[") and raw.endswith("]"):
+        return [_parse_value(x) for x in raw[1:-1].split(",") if x.strip()]
+    try:
+        v = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return v if isinstance(v, (int, float, bool, str)) or v is None else raw
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------- building the dataclasses
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise UserError(f"'{prefix.rstrip('.')}' is a section; set its keys, e.g. {prefix}"
+                        f"{dataclasses.fields(cls)[0].name}=...")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            valid = [prefix + n for n in fields]
+            raise UserError(f"unknown key '{prefix}{key}'{closest(prefix + key, valid)}; "
+                            f"valid keys here: {', '.join(valid)}")
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else fields[key].default
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, default)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value, default):
+    """Check a value against its default's type; lists accept a single scalar."""
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if float(value) == int(value):
+            return int(value)
+    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(default, str):
+        return str(value)
+    elif isinstance(default, list):
+        return value if isinstance(value, list) else [value]
+    raise UserError(f"{key}={value!r} has the wrong type; expected {type(default).__name__} like {default!r}")
+
+
+def load_config(args: list[str]) -> RunConfig:
+    """Merge defaults <- profile <- overrides, validate, and fill the derived name."""
+    over = parse_overrides(args)
+    profile = over.get("profile")
+    merged = _deep_merge(read_profile(str(profile)), over) if profile else over
+    if profile:
+        merged["profile"] = str(profile)
+    cfg = _build(RunConfig, merged)
+    validate(cfg)
+    if not cfg.name:
+        stem = Path(cfg.profile).stem if cfg.profile else "run"
+        cfg.name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that would otherwise fail deep inside a stage."""
+    if cfg.name and (("/" in cfg.name) or ("\\" in cfg.name) or cfg.name in (".", "..") or cfg.name.startswith(".")):
+        raise UserError(f"name='{cfg.name}' must be a plain directory name (no path separators, not hidden)")
+    d = cfg.distill
+    if not 0.0 <= d.alpha <= 1.0 or (d.alpha_end is not None and not 0.0 <= d.alpha_end <= 1.0):
+        raise UserError("distill.alpha must be in [0, 1] (weight of the KD term)")
+    if d.temperature <= 0 or (d.temperature_end is not None and d.temperature_end <= 0):
+        raise UserError("distill.temperature must be > 0, e.g. distill.temperature=2")
+    if not 0 < d.lr < 1:
+        raise UserError(f"distill.lr={d.lr} is out of range; use a small positive value like 2e-4")
+    if d.schedule not in ("linear", "cosine"):
+        raise UserError(f"distill.schedule='{d.schedule}'{closest(d.schedule, ['linear', 'cosine'])}; use linear or cosine")
+    if d.tokens < 0 or d.seq_len < 8 or d.batch < 1 or d.grad_accum < 1:
+        raise UserError("distill.tokens must be >= 0, distill.seq_len >= 8, distill.batch and grad_accum >= 1")
+    if cfg.student.layers is not None and cfg.student.layers < 1:
+        raise UserError("student.layers must be at least 1")
+    if cfg.student.select not in ("importance", "even"):
+        raise UserError(f"student.select='{cfg.student.select}'{closest(cfg.student.select, ['importance', 'even'])}; use importance or even")
+    if not 0 < cfg.gen.heldout < 1:
+        raise UserError("gen.heldout must be a fraction in (0, 1), e.g. 0.15")
+    if cfg.stages:
+        for s in cfg.stages:
+            if s not in STAGES:
+                raise UserError(f"unknown stage '{s}'{closest(s, STAGES)}; stages are: {', '.join(STAGES)}")
+    from .quantize.types import check_gguf_types   # the single table of supported formats
+    check_gguf_types([cfg.export.gguf], "export.gguf")
+    check_gguf_types(cfg.quantize.gguf, "quantize.gguf")
+
+
+def resolved_threads(cfg: RunConfig) -> int:
+    """Threads for measurements: eval.threads or the device's, never more than this host's cores."""
+    import os
+    want = cfg.eval.threads or cfg.device.threads
+    return max(1, min(int(want), os.cpu_count() or 1))

@@ -1,0 +1,251 @@
+"""Data stage: the distillation set and its held-out split.
+
+    compress run profile=phone                     # the teacher writes the data itself
+    compress run profile=phone data=chats.jsonl    # .txt | .jsonl | an HF dataset name
+
+With no data=, the DeepSeek-R1 recipe in small: built-in prompts, responses sampled from the
+teacher (llama.cpp on its GGUF when there is one), a rejection filter (empty, truncated,
+repetitive, duplicate) and a held-out split that is never trained on. Generated sets are cached
+in the user cache dir and reused by later runs with the same teacher and settings.
+
+Output: train.jsonl / heldout.jsonl, one {"text": ...} per line, chat template already applied.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from . import artifacts
+from .errors import UserError
+from .models import cache_dir, load_tokenizer
+from .prompts import builtin_prompts
+
+PROMPTS_VERSION = 1   # bump when the built-in prompts change so caches are not reused
+
+
+def config_of(cfg) -> dict:
+    return {"data": cfg.data, "gen": dataclasses.asdict(cfg.gen) if cfg.data is None else None,
+            "prompts_version": PROMPTS_VERSION}
+
+
+def run(cfg, src: artifacts.Artifact, out: Path) -> artifacts.Artifact:
+    """src: the teacher artifact (its tokenizer renders chat text; its GGUF generates)."""
+    tok = load_tokenizer(str(src.path))
+    if cfg.data:
+        texts, source = load_user_data(cfg.data, tok), cfg.data
+        rejected = {}
+    else:
+        texts, rejected = generated_texts(cfg, src, tok)
+        source = "teacher-generated"
+    train, heldout = split_heldout(texts, cfg.gen.heldout)
+    if not train or not heldout:
+        raise UserError(f"data has {len(texts)} usable examples after filtering; need at least 2 "
+                        f"(one to train on, one held out): give more data or raise gen.prompts")
+    with artifacts.writing(out, stage="data", config=config_of(cfg), parents=[src], format="data") as (tmp, meta):
+        for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
+            write_jsonl(tmp / name, [{"text": t} for t in rows])
+        meta["metrics"] = {
+            "source": source, "n_train": len(train), "n_heldout": len(heldout),
+            "train_tokens": sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in train),
+            "rejected": rejected,
+        }
+    return artifacts.load(out)
+
+
+# ---------------------------------------------------------------- user data
+
+def load_user_data(spec: str, tok) -> list[str]:
+    path = Path(spec).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
+        if not path.is_file():
+            raise UserError(f"data file {spec} does not exist; give a .txt, a .jsonl or an HF dataset name")
+        rows = read_txt(path) if path.suffix == ".txt" else read_jsonl(path)
+    else:
+        rows = read_hf_dataset(spec)
+    texts = [t for t in (render(r, tok, spec) for r in rows) if t.strip()]
+    if not texts:
+        raise UserError(f"data {spec} holds no text; it needs non-empty paragraphs (.txt) or rows with "
+                        f"'text', 'prompt'/'response' or 'messages' (.jsonl)")
+    return texts
+
+
+def read_txt(path: Path) -> list[dict]:
+    """Paragraphs (blank-line separated), merged up to ~2000 characters each."""
+    paras = [p.strip() for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
+    out, cur = [], ""
+    for p in paras:
+        if cur and len(cur) + len(p) > 2000:
+            out.append({"text": cur})
+            cur = ""
+        cur = f"{cur}\n\n{p}" if cur else p
+    return out + ([{"text": cur}] if cur else [])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{i} is not valid JSON; each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{i} must be a JSON object with 'text', 'prompt'/'response' or 'messages'")
+            rows.append(row)
+    return rows
+
+
+def read_hf_dataset(name: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data={name} is not a file; to use an HF dataset install `pip install datasets`") from None
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # the datasets library raises many types for unreachable/unknown names
+        raise UserError(f"cannot load HF dataset '{name}': {str(e).splitlines()[0]}") from None
+    return [dict(r) for r in ds]
+
+
+def render(row: dict, tok, where: str) -> str:
+    """One example as training text: chat rows go through the tokenizer's chat template."""
+    if "messages" in row:
+        return tok.apply_chat_template(row["messages"], tokenize=False)
+    if "prompt" in row and ("response" in row or "completion" in row):
+        msgs = [{"role": "user", "content": str(row["prompt"])},
+                {"role": "assistant", "content": str(row.get("response", row.get("completion")))}]
+        return tok.apply_chat_template(msgs, tokenize=False)
+    if "text" in row:
+        return str(row["text"])
+    raise UserError(f"a row in {where} has keys {sorted(row)[:5]}; expected 'text', 'prompt'/'response' or 'messages'")
+
+
+# ---------------------------------------------------------------- teacher-generated data
+
+def generated_texts(cfg, teacher: artifacts.Artifact, tok) -> tuple[list[str], dict]:
+    """Teacher answers to built-in prompts, filtered; cached across runs."""
+    key = hashlib.sha256(json.dumps([teacher.meta["config"], config_of(cfg)], sort_keys=True).encode()).hexdigest()[:16]
+    cache = cache_dir() / "data" / f"generated-{key}.jsonl"
+    if cache.is_file():
+        rows = read_jsonl(cache)
+    else:
+        prompts = builtin_prompts(cfg.gen.prompts, cfg.gen.seed)
+        rows = generate(cfg, teacher, tok, prompts)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(cache, rows)
+    kept, rejected = rejection_filter(rows)
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                      {"role": "assistant", "content": r["response"]}], tokenize=False)
+             for r in kept]
+    return texts, rejected
+
+
+def generate(cfg, teacher: artifacts.Artifact, tok, prompts: list[str]) -> list[dict]:
+    """Sample one response per prompt; records finish reason so truncation can be rejected."""
+    from rich.progress import Progress
+    gguf = teacher.meta.get("metrics", {}).get("source_gguf")
+    gen = cfg.gen
+    rows = []
+    with Progress(transient=True) as bar:
+        task = bar.add_task("teacher writes data", total=len(prompts))
+        sampler = _llama_cpp_sampler(gguf, cfg) if gguf else _torch_sampler(teacher, cfg)
+        for i, p in enumerate(prompts):
+            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+            text, finished = sampler(list(ids), gen.max_new_tokens, gen.seed + i)
+            rows.append({"prompt": p, "response": text.strip(), "finished": finished})
+            bar.advance(task)
+    return rows
+
+
+def _llama_cpp_sampler(gguf_path: str, cfg):
+    """Fast path: llama.cpp on the teacher's own GGUF."""
+    from llama_cpp import Llama
+    threads = max(1, min(cfg.device.threads, os.cpu_count() or 1))
+    llm = Llama(model_path=gguf_path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                verbose=False, seed=cfg.gen.seed)
+    eos = llm.token_eos()
+
+    def sample(ids, max_new, seed):
+        llm.set_seed(seed)
+        res = llm.create_completion(prompt=ids, max_tokens=max_new, temperature=cfg.gen.temperature,
+                                    top_p=cfg.gen.top_p, stop=["<|im_end|>", "<|endoftext|>"])
+        choice = res["choices"][0]
+        return choice["text"], choice["finish_reason"] == "stop"
+    del eos
+    return sample
+
+
+def _torch_sampler(teacher: artifacts.Artifact, cfg):
+    """Slow path for teachers without a GGUF: transformers generate."""
+    import torch
+    from .models import load_model
+    model = load_model(str(teacher.path))
+    tok = load_tokenizer(str(teacher.path))
+
+    def sample(ids, max_new, seed):
+        torch.manual_seed(seed)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            y = model.generate(x, max_new_tokens=max_new, do_sample=True, temperature=cfg.gen.temperature,
+                               top_p=cfg.gen.top_p, pad_token_id=tok.pad_token_id)
+        new = y[0, len(ids):].tolist()
+        finished = tok.eos_token_id in new or len(new) < max_new
+        return tok.decode(new, skip_special_tokens=True), finished
+    return sample
+
+
+def is_repetitive(text: str, n: int = 4, min_unique: float = 0.5) -> bool:
+    """True when fewer than half of the word n-grams are distinct (loops like 'the the the')."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(max(0, len(words) - n + 1))]
+    return bool(grams) and len(set(grams)) / len(grams) < min_unique
+
+
+def rejection_filter(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Drop empty, truncated, repetitive and duplicate responses; count each reason."""
+    kept, seen = [], set()
+    counts = {"empty": 0, "truncated": 0, "repetitive": 0, "duplicate": 0}
+    for r in rows:
+        resp = r["response"].strip()
+        norm = " ".join(resp.lower().split())
+        if len(resp.split()) < 3:
+            counts["empty"] += 1
+        elif not r.get("finished", True):
+            counts["truncated"] += 1
+        elif is_repetitive(resp):
+            counts["repetitive"] += 1
+        elif norm in seen:
+            counts["duplicate"] += 1
+        else:
+            seen.add(norm)
+            kept.append(r)
+    return kept, counts
+
+
+def split_heldout(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic split by content hash: an example stays on its side across runs."""
+    def bucket(t):
+        return int(hashlib.sha256(t.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    heldout = [t for t in texts if bucket(t) < fraction]
+    train = [t for t in texts if bucket(t) >= fraction]
+    if not heldout and len(train) > 1:    # tiny sets: still hold one out
+        heldout, train = train[-1:], train[:-1]
+    return train, heldout
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_texts(art: artifacts.Artifact, split: str) -> list[str]:
+    return [r["text"] for r in read_jsonl(art.path / f"{split}.jsonl")]

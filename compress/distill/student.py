@@ -1,0 +1,119 @@
+"""Student stage: derive the student from the teacher by keeping some of its layers, with weights.
+
+    compress run student.layers=16                      # keep 16 layers, chosen by importance
+    compress run student.layers=16 student.select=even  # evenly spaced instead
+    compress run student=path/to/hf_model               # any HF model sharing the teacher's tokenizer
+
+Importance is ShortGPT's block influence, 1 - cos(layer input, layer output), averaged over
+calibration tokens: a layer that barely changes its input is the cheapest to drop.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from .. import artifacts
+from ..errors import UserError
+from ..models import count_params, load_model, load_tokenizer, resolve_teacher, save_hf
+
+
+def config_of(cfg) -> dict:
+    return cfg.section("student")
+
+
+def run(cfg, src: artifacts.Artifact, out: Path, *, data: artifacts.Artifact) -> artifacts.Artifact:
+    """src: the teacher artifact; data: calibration texts for the importance score."""
+    tok = load_tokenizer(str(src.path))
+    s = cfg.student
+    if s.model:
+        path, gguf_file = resolve_teacher(s.model)
+        student = load_model(path, gguf_file, cfg.trust_remote_code)
+        check_same_tokenizer(tok, load_tokenizer(path, gguf_file, cfg.trust_remote_code), s.model)
+        kept, scores = None, None
+    else:
+        teacher = load_model(str(src.path))
+        n = teacher.config.num_hidden_layers
+        want = s.layers or n
+        if want > n:
+            raise UserError(f"student.layers={want} is more than the teacher's {n} layers; pick 1..{n}")
+        scores = None
+        if s.select == "importance" and want < n:
+            from ..data import read_texts
+            scores = block_influence(teacher, calibration_ids(tok, read_texts(data, "train")))
+            kept = sorted(sorted(range(n), key=lambda i: -scores[i])[:want])
+        else:
+            kept = even_layers(n, want)
+        student = keep_layers(teacher, kept)
+    with artifacts.writing(out, stage="student", config=config_of(cfg), parents=[src, data],
+                           format="hf", quant="fp32") as (tmp, meta):
+        save_hf(student, tok, tmp)
+        meta["params"] = count_params(student)
+        meta["metrics"] = {"kept_layers": kept, "block_influence": scores,
+                           "layers": student.config.num_hidden_layers}
+    return artifacts.load(out)
+
+
+def even_layers(n: int, k: int) -> list[int]:
+    """k of n layer indices spread evenly, always including the first and the last."""
+    if k >= n:
+        return list(range(n))
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def calibration_ids(tok, texts: list[str], n_seqs: int = 8, seq_len: int = 256) -> torch.Tensor:
+    """[n, seq_len] token ids from the start of the calibration texts (fewer rows if short)."""
+    ids = []
+    for t in texts:
+        ids.extend(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        if len(ids) >= n_seqs * seq_len:
+            break
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise UserError(f"calibration data has only {len(ids)} tokens; need at least {seq_len}: give more data")
+    return torch.tensor(ids[:min(rows, n_seqs) * seq_len]).view(-1, seq_len)
+
+
+@torch.no_grad()
+def block_influence(model, ids: torch.Tensor) -> list[float]:
+    """Per layer: mean over tokens of 1 - cos(hidden_in, hidden_out) (ShortGPT).
+
+    hidden_states from the model: [n_layers + 1] tensors of [B, T, H]; entry i is layer i's input.
+    The last entry has the final norm applied in HF, so the last layer's output is taken by a hook.
+    """
+    outs = {}
+    last = model.model.layers[-1]
+    hook = last.register_forward_hook(lambda m, a, o: outs.__setitem__("last", o[0] if isinstance(o, tuple) else o))
+    try:
+        hs = model(ids, output_hidden_states=True).hidden_states
+    finally:
+        hook.remove()
+    inputs = hs[:-1]
+    outputs = list(hs[1:-1]) + [outs["last"]]
+    return [float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean())
+            for a, b in zip(inputs, outputs)]
+
+
+def keep_layers(model, kept: list[int]):
+    """A copy of `model` with only the decoder layers in `kept` (weights shared by copy)."""
+    student = copy.deepcopy(model)
+    layers = student.model.layers
+    student.model.layers = torch.nn.ModuleList([layers[i] for i in kept])
+    for new_idx, layer in enumerate(student.model.layers):
+        # the KV cache is indexed by layer_idx; it must follow the new numbering
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_idx
+    cfg = student.config
+    cfg.num_hidden_layers = len(kept)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in kept]
+    return student
+
+
+def check_same_tokenizer(a, b, name: str) -> None:
+    if a.get_vocab() != b.get_vocab():
+        raise UserError(f"student {name} does not share the teacher's tokenizer; logit distillation needs "
+                        f"the same vocabulary: pick a student from the teacher's family or derive one with student.layers=N")

