@@ -48,8 +48,8 @@ class Student:
 @dataclass
 class Gen:
     """Built-in data: the teacher answers built-in prompts (used when data= is not given)."""
-    prompts: int = 160
-    max_new_tokens: int = 160
+    prompts: int = 120
+    max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.9
     heldout: float = 0.15           # fraction of examples never trained on
@@ -191,7 +191,12 @@ def _parse_value(raw: str):
         v = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
-    return v if isinstance(v, (int, float, bool, str)) or v is None else raw
+    if isinstance(v, str):
+        try:
+            return float(v)   # YAML 1.1 reads 1e-3 as a string; users mean a number
+        except ValueError:
+            return v
+    return v if isinstance(v, (int, float, bool)) or v is None else raw
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -218,8 +223,16 @@ def _build(cls, values: dict, prefix: str = ""):
         if dataclasses.is_dataclass(default):
             kwargs[key] = _build(type(default), value, f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(f"{prefix}{key}", value, default)
+            kwargs[key] = _coerce(f"{prefix}{key}", value, default if default is not None else _example(fields[key].type))
     return cls(**kwargs)
+
+
+def _example(annotation) -> object:
+    """A typed stand-in for an Optional field's default ('int | None' -> 0) so values get checked."""
+    for name, example in (("float", 0.0), ("int", 0), ("list", []), ("str", "")):
+        if name in str(annotation):
+            return example
+    return None
 
 
 def _coerce(key: str, value, default):

@@ -103,8 +103,16 @@ def check_arch(config) -> None:
         raise UserError(f"unsupported architecture '{mt}'; compress supports: {', '.join(SUPPORTED_ARCHS)}")
 
 
+def quiet_transformers() -> None:
+    """Stage progress is ours to show; transformers' per-shard bars would interleave with it."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+    quiet_transformers()
     tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -115,6 +123,7 @@ def load_model(path: str, gguf_file: str | None = None, trust_remote_code: bool 
     """An HF causal LM in fp32 (CPU training/eval) unless dtype says otherwise."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -123,7 +132,21 @@ def load_model(path: str, gguf_file: str | None = None, trust_remote_code: bool 
     model = AutoModelForCausalLM.from_pretrained(
         path, gguf_file=gguf_file, dtype=dtype or torch.float32,
         trust_remote_code=trust_remote_code)
+    if gguf_file:
+        model = plain_copy(model)
     return model.eval()
+
+
+def plain_copy(model):
+    """A de-quantized GGUF model as an ordinary HF model (transformers refuses to save the original)."""
+    from transformers import AutoModelForCausalLM
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    fresh.load_state_dict(model.state_dict())
+    return fresh
 
 
 def count_params(model) -> int:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +156,13 @@ def test_memory_child_for_gguf_is_light(tiny_gguf):
     child = peak_rss_mb(tiny_gguf, threads=1, prefill=16, decode=4)
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # holds torch + transformers
     assert 0 < child < parent
+    # The child's import path holds llama_cpp only: torch would add hundreds of MB to the figure.
+    code = ("import sys; from compress.evaluate.memory import measure_here; "
+            f"measure_here({str(tiny_gguf.path)!r}, 1, 8, 2); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 # ---------------------------------------------------------------- the stage

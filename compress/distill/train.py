@@ -119,7 +119,7 @@ def train(student, teacher, seqs: torch.Tensor, d, steps: int, ckpt_dir: Path, d
                     loss, parts = kd_loss(s_logits, t_logits[..., :v].clone(), x, T, alpha)
                 loss = loss * len(rows[i:i + micro]) / d.batch
                 loss.backward()
-                total += float(loss)
+                total += loss.item()
             if not math.isfinite(total):
                 raise UserError(f"distill loss became {total} at step {step}; the last good checkpoint is kept "
                                 f"in {ckpt_dir}. Lower distill.lr or raise distill.temperature, then re-run")

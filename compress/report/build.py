@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 from ..artifacts import META
@@ -111,23 +112,25 @@ def estimate(size_mb, params, device: dict) -> dict:
     bw, flops = device.get("bandwidth_gbs"), device.get("compute_gflops")
     decode = bw * 1e9 / (size_mb * MB) if bw and size_mb else None
     prefill = flops * 1e9 / (2 * params) if flops and params else None
-    return {
-        "device": device.get("name"),
-        "decode_tps": _round(decode),
-        "prefill_tps": _round(prefill),
-        "basis": {
-            "decode_tps": (f"estimate: {bw} GB/s memory bandwidth / {_round(size_mb)} MB of weights read "
-                           f"per token (ignores KV cache; upper bound)") if decode else "unknown: needs bandwidth and size",
-            "prefill_tps": (f"estimate: {flops} GFLOP/s / (2 x {params} params) FLOPs per token "
-                            f"(ignores attention; upper bound)") if prefill else "unknown: needs compute and params",
-        },
-    }
+    decode_basis = (f"estimate: {bw} GB/s memory bandwidth / {_round(size_mb)} MB artifact size "
+                    f"(~ weight bytes read per token; ignores KV cache; upper bound)"
+                    if decode else "unknown: needs device.bandwidth_gbs and the artifact size")
+    prefill_basis = (f"estimate: {flops} GFLOP/s / (2 x {params} params) FLOPs per token "
+                     f"(ignores attention; upper bound)"
+                     if prefill else "unknown: needs device.compute_gflops and the parameter count")
+    return {"device": device.get("name"), "decode_tps": _round(decode), "prefill_tps": _round(prefill),
+            "basis": {"decode_tps": decode_basis, "prefill_tps": prefill_basis}}
+
+
+def main_file(meta: dict, path: Path) -> Path:
+    """model.gguf / model.onnx inside the artifact, or the directory itself for HF."""
+    return path / meta["file"] if meta.get("file") not in (None, ".") else path
 
 
 def run_commands(run_name: str, name: str, meta: dict, path: Path, threads) -> dict:
     """How to run the artifact in the runtime it ships in."""
     fmt = meta.get("format")
-    main = path / meta.get("file", ".") if meta.get("file") not in (None, ".") else path
+    main = main_file(meta, path)
     if fmt == "gguf":
         modelfile = path / "Modelfile"
         tag = re.sub(r"[^a-z0-9._-]+", "-", f"{run_name}-{name}".lower()).strip("-.") or "model"
@@ -157,7 +160,7 @@ def artifact_entry(run_dir: Path, run_name: str, name: str, metas: dict, ev: dic
         "quant": meta.get("quant"),
         "stage": meta.get("stage"),
         "teacher": is_teacher(name, meta),
-        "path": str(path / meta["file"]) if meta.get("file") not in (None, ".") else str(path),
+        "path": str(main_file(meta, path)),
         "parent": meta.get("parent"),
         "size_mb": _round(size_mb),
         "params": params,
@@ -199,7 +202,7 @@ def check_budgets(art: dict, budgets: dict) -> dict:
         over = (value - limit) if lower else (limit - value)
         if over > 0:
             sign = ">" if lower else "<"
-            failed.append(f"{label} {_fmt(value)} {unit} {sign} {'max' if lower else 'min'} {_fmt(limit)} {unit}")
+            failed.append(f"{label} {fmt_num(value)} {unit} {sign} {'max' if lower else 'min'} {limit:g} {unit}")
             miss += over / limit if limit else math.inf
     ok = False if failed else (None if unchecked else True)
     return {"pass": ok, "failed": failed, "unchecked": unchecked,
@@ -227,10 +230,10 @@ def recommend(arts: list[dict], budgets: dict) -> tuple[str | None, str]:
     set_budgets = {k: v for k, v in budgets.items() if v is not None}
     if ok:
         best = min(ok, key=lambda a: (a["quality"]["kld"], a["size_mb"] or 0.0))
-        within = (f"within every budget ({', '.join(f'{k}={_fmt(v)}' for k, v in set_budgets.items())})"
+        within = (f"within every budget ({', '.join(f'{k}={v:g}' for k, v in set_budgets.items())})"
                   if set_budgets else "(no budgets set)")
-        return best["name"], (f"{best['name']}: lowest KLD vs teacher ({_fmt(best['quality']['kld'])} nats/token, "
-                              f"{_fmt(best['size_mb'])} MB) of {len(ok)} evaluated candidate(s) {within}")
+        return best["name"], (f"{best['name']}: lowest KLD vs teacher ({fmt_num(best['quality']['kld'])} nats/token, "
+                              f"{fmt_num(best['size_mb'])} MB) among {len(ok)} evaluated candidate(s) {within}")
     if not any(a["evaluated"] for a in cands):
         return None, "no candidate has been evaluated yet; run the evaluate stage"
     near = min(cands, key=lambda a: a["budget"]["miss"])
@@ -252,9 +255,9 @@ def build(run_dir) -> dict:
     warnings: list[str] = []
     metas = read_artifact_metas(run_dir, warnings)
     evals = index_evals(metas, warnings)
-    threads = (config.get("eval") or {}).get("threads") or device.get("threads")
     names = [n for n, m in metas.items() if m.get("format") in MODEL_FORMATS]
-    arts = [artifact_entry(run_dir, run_name, n, metas, evals.get(n), device, threads) for n in names]
+    arts = [artifact_entry(run_dir, run_name, n, metas, evals.get(n), device, device.get("threads"))
+            for n in names]
     arts.sort(key=_order)
     for a in arts:
         a["budget"] = check_budgets(a, budgets)
@@ -264,13 +267,17 @@ def build(run_dir) -> dict:
         a["recommended"] = a["name"] == rec
         miss = a["budget"].pop("miss")   # internal ranking figure; inf is not valid JSON
         a["budget"]["relative_miss"] = None if math.isinf(miss) else round(miss, 4)
-    host = next((evals[a["name"]].get("host") for a in arts if evals.get(a["name"], {}).get("host")), None)
+    # Host facts and threads as measured (eval threads are capped by the host's cores).
+    measured = [evals[a["name"]] for a in arts if a["name"] in evals]
+    host = next((m["host"] for m in measured if m.get("host")), {})
+    threads = next(((m.get("speed") or {}).get("threads") for m in measured
+                    if (m.get("speed") or {}).get("threads")), (config.get("eval") or {}).get("threads"))
     return {
         "run": run_name,
         "profile": config.get("profile"),
         "device": device,
         "budgets": budgets,
-        "host": (host or {}) | {"threads": threads},
+        "host": host | {"threads": threads},
         "eval": {k: (config.get("eval") or {}).get(k) for k in ("threads", "seqs", "seq_len")},
         "recommended": rec,
         "recommendation_reason": reason,
@@ -293,7 +300,7 @@ def _round(x, nd: int = 3):
     return None if x is None else round(float(x), nd)
 
 
-def _fmt(x) -> str:
+def fmt_num(x) -> str:
     """Numbers for humans: 3 significant digits, no exponent for ordinary magnitudes."""
     if x is None:
         return "n/a"
@@ -305,5 +312,4 @@ def _fmt(x) -> str:
 
 def _q(p) -> str:
     """Shell-quote a path only when it needs it, so common commands stay copy-paste clean."""
-    import shlex
     return shlex.quote(str(p))

@@ -13,10 +13,10 @@ import html
 from pathlib import Path
 
 from ..errors import UserError
-from .build import _fmt, build, mark_pareto
+from .build import build, mark_pareto
 from .plot import size_quality_png
-from .render import (LEGEND, headers, html_page, html_table, img_tag, md_table, _md_cell, plot_points,
-                     rich_table, row, _style, write_atomic)
+from .render import (LEGEND, headers, html_page, html_table, img_tag, md_cell, md_table, plot_points,
+                     rich_table, row, row_style, write_atomic)
 
 COMPARE_LEGEND = LEGEND.replace("★ recommended for the profile.", "★ recommended by its own run's profile.") + \
     " Pareto here is across every compared artifact."
@@ -33,7 +33,7 @@ def _labels(reports: list[dict]) -> list[str]:
 
 def _run_line(label: str, r: dict) -> str:
     d = r["device"]
-    b = ", ".join(f"{k}={_fmt(v)}" for k, v in r["budgets"].items() if v is not None) or "none"
+    b = ", ".join(f"{k}={v:g}" for k, v in r["budgets"].items() if v is not None) or "none"
     return (f"{label}: profile {r.get('profile') or 'default'}, device {d.get('name')} "
             f"({d.get('bandwidth_gbs')} GB/s), budgets {b}; recommended {r.get('recommended') or 'none'} "
             f"— {r['recommendation_reason']}")
@@ -66,8 +66,8 @@ def compare(run_dirs, out_dir=None, console=None) -> dict:
     paths = {"md": out_dir / "compare.md", "html": out_dir / "compare.html"}
     run_lines = [_run_line(lbl, r) for lbl, r in zip(labels, reports)]
 
-    md = ["# Compare: " + _md_cell(", ".join(labels)), ""]
-    md += [f"- {_md_cell(x)}" for x in run_lines] + ["", md_table(head, rows), "", _md_cell(COMPARE_LEGEND), ""]
+    md = ["# Compare: " + md_cell(", ".join(labels)), ""]
+    md += [f"- {md_cell(x)}" for x in run_lines] + ["", md_table(head, rows), "", md_cell(COMPARE_LEGEND), ""]
     write_atomic(paths["md"], "\n".join(md))
 
     points = []
@@ -84,7 +84,7 @@ def compare(run_dirs, out_dir=None, console=None) -> dict:
     from rich.console import Console
     from rich.text import Text
     console = console or Console()
-    console.print(rich_table("compare: " + ", ".join(labels), head, rows, [_style(a) for a in arts]))
+    console.print(rich_table("compare: " + ", ".join(labels), head, rows, [row_style(a) for a in arts]))
     for x in run_lines:
         console.print(Text(x))
     return {

@@ -18,7 +18,7 @@ def size_quality_png(points: list[dict], *, title: str, max_size_mb=None, max_kl
     pts = [p for p in points if p.get("size_mb") is not None and p.get("kld") is not None]
     fig = Figure(figsize=(7.5, 4.8), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_plain(title), fontsize=10)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("KLD vs teacher (nats/token, lower is better)")
     ax.grid(True, alpha=0.3)
@@ -31,14 +31,15 @@ def size_quality_png(points: list[dict], *, title: str, max_size_mb=None, max_kl
     for g, color in zip(groups, colors):
         gp = [p for p in pts if p.get("group") == g]
         ax.scatter([p["size_mb"] for p in gp], [p["kld"] for p in gp], color=color, s=36, zorder=3,
-                   label=g if g else None)
+                   label=_plain(g) if g else None)
         # Pareto front of this group: a step line through the non-dominated points, small to large.
         front = sorted((p for p in gp if p.get("pareto")), key=lambda p: p["size_mb"])
         if len(front) > 1:
             ax.step([p["size_mb"] for p in front], [p["kld"] for p in front], where="post",
-                    color=color, alpha=0.6, linewidth=1.5, zorder=2)
+                    color=color, alpha=0.6, linewidth=1.5, zorder=2,
+                    label=f"{_plain(g)} Pareto front" if g else "Pareto front")
     for p in pts:
-        ax.annotate(str(p["label"]), (p["size_mb"], p["kld"]), textcoords="offset points",
+        ax.annotate(_plain(p["label"]), (p["size_mb"], p["kld"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=7)
         if p.get("recommended"):
             ax.scatter([p["size_mb"]], [p["kld"]], s=220, facecolors="none", edgecolors="crimson",
@@ -56,6 +57,11 @@ def size_quality_png(points: list[dict], *, title: str, max_size_mb=None, max_kl
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
     fig.tight_layout()
     return _png(fig)
+
+
+def _plain(text) -> str:
+    # A name holding two '$' would otherwise be parsed as mathtext (and may fail to render).
+    return str(text).replace("$", r"\$")
 
 
 def _png(fig) -> bytes:

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from .build import _fmt, build
+from .build import build, fmt_num
 from .plot import size_quality_png
 
 # ---------------------------------------------------------------- the one table
@@ -32,21 +32,21 @@ def row(a: dict, label: str | None = None) -> list[str]:
     b = a["budget"]
     budget = {True: "pass", False: "FAIL", None: "unchecked"}[b["pass"]]
     name = label or a["name"]
-    name += " (teacher)" if a.get("teacher") else ""
+    name += " (teacher)" if a.get("teacher") and a["name"] != "teacher" else ""
     name += " ★" if a.get("recommended") else ""
     return [
         name,
         " ".join(x for x in (a.get("format"), a.get("quant")) if x),
-        _fmt(a["size_mb"]),
+        fmt_num(a["size_mb"]),
         _params(a["params"]),
-        _fmt(q["ppl"]),
-        _fmt(q["kld"]),
+        fmt_num(q["ppl"]),
+        fmt_num(q["kld"]),
         "n/a" if q["top1"] is None else f"{100 * q['top1']:.1f}%",
         "n/a" if s["threads"] is None else str(s["threads"]),
-        _fmt(s["prefill_tps"]),
-        _fmt(s["decode_tps"]),
-        _fmt(a["memory"]["peak_rss_mb"]),
-        _fmt(a["estimate"]["decode_tps"]),
+        fmt_num(s["prefill_tps"]),
+        fmt_num(s["decode_tps"]),
+        fmt_num(a["memory"]["peak_rss_mb"]),
+        fmt_num(a["estimate"]["decode_tps"]),
         budget,
         "yes" if a.get("pareto") else "",
     ]
@@ -75,15 +75,15 @@ def commands(a: dict) -> list[str]:
 
 # ---------------------------------------------------------------- markdown
 
-def _md_cell(text: str) -> str:
+def md_cell(text: str) -> str:
     # Backslash-escape markdown punctuation so names cannot break the table or inject markup.
     return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", str(text))
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |",
+    lines = ["| " + " | ".join(md_cell(h) for h in head) + " |",
              "|" + "|".join("---:" if 2 <= i <= 11 else "---" for i in range(len(head))) + "|"]
-    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -95,7 +95,7 @@ def _fence(text: str) -> str:
 
 def _facts(report: dict) -> list[str]:
     d, b, h = report["device"], report["budgets"], report["host"]
-    set_b = ", ".join(f"{k}={_fmt(v)}" for k, v in b.items() if v is not None) or "none"
+    set_b = ", ".join(f"{k}={v:g}" for k, v in b.items() if v is not None) or "none"
     return [
         f"Profile: {report.get('profile') or 'default'}",
         f"Device (target): {d.get('name')} — {d.get('threads')} threads, {d.get('ram_mb')} MB RAM, "
@@ -115,30 +115,30 @@ LEGEND = ("★ recommended for the profile. Pareto: no other artifact is both sm
 
 def to_markdown(report: dict, png_name: str | None = "size_quality.png") -> str:
     arts = report["artifacts"]
-    out = [f"# Report: {_md_cell(report['run'])}", ""]
-    out += [f"- {_md_cell(f)}" for f in _facts(report)] + [""]
+    out = [f"# Report: {md_cell(report['run'])}", ""]
+    out += [f"- {md_cell(f)}" for f in _facts(report)] + [""]
     rec = report.get("recommended")
-    out += [f"**Recommended:** {_md_cell(rec) if rec else 'none'} — {_md_cell(report['recommendation_reason'])}", ""]
-    out += [md_table(headers(report["device"].get("name")), [row(a) for a in arts]), "", _md_cell(LEGEND), ""]
+    out += [f"**Recommended:** {md_cell(rec) if rec else 'none'} — {md_cell(report['recommendation_reason'])}", ""]
+    out += [md_table(headers(report["device"].get("name")), [row(a) for a in arts]), "", md_cell(LEGEND), ""]
     if png_name:
         out += [f"![size vs quality]({png_name})", ""]
     fails = [a for a in arts if a["budget"]["failed"] or a["budget"]["unchecked"]]
     if fails:
         out += ["## Budget checks", ""]
-        out += [f"- {_md_cell(a['name'])}: {_md_cell('; '.join(a['budget']['failed'] + a['budget']['unchecked']))}"
+        out += [f"- {md_cell(a['name'])}: {md_cell('; '.join(a['budget']['failed'] + a['budget']['unchecked']))}"
                 for a in fails] + [""]
     out += ["## Estimates", ""]
-    out += [f"- {_md_cell(a['name'])}: decode ≈ {_fmt(a['estimate']['decode_tps'])} tok/s "
-            f"({_md_cell(a['estimate']['basis']['decode_tps'])}); prefill ≈ "
-            f"{_fmt(a['estimate']['prefill_tps'])} tok/s ({_md_cell(a['estimate']['basis']['prefill_tps'])})"
+    out += [f"- {md_cell(a['name'])}: decode ≈ {fmt_num(a['estimate']['decode_tps'])} tok/s "
+            f"({md_cell(a['estimate']['basis']['decode_tps'])}); prefill ≈ "
+            f"{fmt_num(a['estimate']['prefill_tps'])} tok/s ({md_cell(a['estimate']['basis']['prefill_tps'])})"
             for a in arts] + [""]
     out += ["## How to run", ""]
     for a in arts:
         cmds = commands(a)
         if cmds:
-            out += [f"**{_md_cell(a['name'])}**", "", _fence("\n".join(cmds)), ""]
+            out += [f"**{md_cell(a['name'])}**", "", _fence("\n".join(cmds)), ""]
     if report.get("warnings"):
-        out += ["## Warnings", ""] + [f"- {_md_cell(w)}" for w in report["warnings"]] + [""]
+        out += ["## Warnings", ""] + [f"- {md_cell(w)}" for w in report["warnings"]] + [""]
     return "\n".join(out)
 
 
@@ -193,8 +193,8 @@ def to_html(report: dict, png: bytes | None) -> str:
             f"<li>{e(a['name'])}: {e('; '.join(a['budget']['failed'] + a['budget']['unchecked']))}</li>"
             for a in fails) + "</ul>")
     body.append('<h2>Estimates</h2><ul class="est">' + "".join(
-        f"<li>{e(a['name'])}: decode ≈ {e(_fmt(a['estimate']['decode_tps']))} tok/s "
-        f"({e(a['estimate']['basis']['decode_tps'])}); prefill ≈ {e(_fmt(a['estimate']['prefill_tps']))} tok/s "
+        f"<li>{e(a['name'])}: decode ≈ {e(fmt_num(a['estimate']['decode_tps']))} tok/s "
+        f"({e(a['estimate']['basis']['decode_tps'])}); prefill ≈ {e(fmt_num(a['estimate']['prefill_tps']))} tok/s "
         f"({e(a['estimate']['basis']['prefill_tps'])})</li>" for a in arts) + "</ul>")
     body.append("<h2>How to run</h2>" + "".join(
         f"<h3>{e(a['name'])}</h3><pre><code>{e(chr(10).join(commands(a)))}</code></pre>"
@@ -251,7 +251,7 @@ def rich_table(title: str, head: list[str], rows: list[list[str]], styles: list[
     return t
 
 
-def _style(a: dict) -> str | None:
+def row_style(a: dict) -> str | None:
     return "bold green" if a.get("recommended") else ("dim" if a.get("teacher") else None)
 
 
@@ -262,7 +262,7 @@ def print_table(report: dict, console=None) -> None:
     console = console or Console()
     arts = report["artifacts"]
     console.print(rich_table(f"{report['run']} (profile {report.get('profile') or 'default'})",
-                             headers(report["device"].get("name")), [row(a) for a in arts], [_style(a) for a in arts]))
+                             headers(report["device"].get("name")), [row(a) for a in arts], [row_style(a) for a in arts]))
     rec = report.get("recommended")
     console.print(Text(f"Recommended: {rec or 'none'} — {report['recommendation_reason']}",
                        style="bold" if rec else "yellow"))

@@ -1,0 +1,76 @@
+"""Configuration: shipped profiles load, keys merge, bad input names the fix."""
+import pytest
+
+from compress.cli import main
+from compress.config import list_profiles, load_config, parse_overrides
+from compress.errors import UserError
+
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_every_shipped_profile_loads(name):
+    cfg = load_config([f"profile={name}", "name=x"])
+    assert cfg.profile == name and cfg.device.threads >= 1
+    assert cfg.quantize.gguf and cfg.budgets.max_size_mb
+
+
+def test_required_profiles_ship():
+    assert {"phone", "laptop", "raspberry-pi"} <= set(list_profiles())
+
+
+def test_overrides_win_over_profile_and_lists_parse():
+    cfg = load_config(["profile=phone", "student.layers=12", "quantize.gguf=[Q8_0,Q4_K_M]",
+                       "distill.tokens=1000", "eval.threads=1", "teacher=some/model", "data=x.jsonl"])
+    assert cfg.student.layers == 12 and cfg.quantize.gguf == ["Q8_0", "Q4_K_M"]
+    assert cfg.distill.tokens == 1000 and cfg.eval.threads == 1
+    assert cfg.teacher == "some/model" and cfg.data == "x.jsonl"
+    assert cfg.name.startswith("phone-")
+
+
+def test_student_shorthand_and_scalar_list():
+    assert parse_overrides(["student=dir"]) == {"student": {"model": "dir"}}
+    assert load_config(["quantize.gguf=Q4_0"]).quantize.gguf == ["Q4_0"]
+
+
+def test_profile_from_path_with_inherits(tmp_path):
+    p = tmp_path / "my.yaml"
+    p.write_text("inherits: phone\nbudgets:\n  max_size_mb: 42\n")
+    cfg = load_config([f"profile={p}"])
+    assert cfg.budgets.max_size_mb == 42 and cfg.device.threads == 4
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["profile=phon"], "did you mean 'phone'"),
+    (["distill.tokns=5"], "did you mean 'distill.tokens'"),
+    (["studnt.layers=5"], "did you mean 'student'"),
+    (["quantize.gguf=[Q4_K_X]"], "did you mean"),
+    (["distill.alpha=1.5"], "distill.alpha"),
+    (["distill.temperature=0"], "temperature"),
+    (["distill.lr=5"], "distill.lr"),
+    (["name=../evil"], "plain directory name"),
+    (["student.layers=abc"], "wrong type"),
+    (["profile=missing.yaml"], "does not exist"),
+    (["stages=[distil]"], "did you mean 'distill'"),
+    (["noequals"], "key=value"),
+])
+def test_bad_config_is_one_clear_error(args, needle):
+    with pytest.raises(UserError, match=None) as e:
+        load_config(args)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_input_exits_2_with_one_line(capsys):
+    assert main(["run", "profile=phon"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'phone'" in err
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_cli_ls(capsys):
+    assert main(["ls", "profiles"]) == 0
+    out = capsys.readouterr().out
+    assert "phone" in out and "raspberry-pi" in out
+    assert main(["ls", "formats"]) == 0
+    assert "Q4_K_M" in capsys.readouterr().out
+    assert main(["ls", "keys"]) == 0
+    assert "distill.tokens" in capsys.readouterr().out
