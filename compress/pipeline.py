@@ -97,9 +97,14 @@ def run(cfg: RunConfig) -> dict:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Refuse early when the output disk cannot hold a run (teacher + student copies + GGUFs)."""
+    """Refuse early, before anything is written: bad paths, no space, no write permission."""
     import shutil
     from .errors import UserError
+    from .models import resolve_teacher
+    if not cfg.teacher.startswith("builtin:"):
+        resolve_teacher(cfg.teacher)          # checks the path/id shape without loading
+    if cfg.data and cfg.data.endswith((".txt", ".jsonl", ".json")) and not Path(cfg.data).expanduser().is_file():
+        raise UserError(f"data file {cfg.data} does not exist; give a .txt, a .jsonl or an HF dataset name")
     base = Path(cfg.out)
     probe = base if base.exists() else base.resolve().parent
     while not probe.exists():

@@ -1,0 +1,93 @@
+"""`compress run` end to end on the real built-in teacher with a tiny budget, then a warm re-run."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+TINY = ["gen.prompts=8", "gen.max_new_tokens=200", "student.layers=4", "distill.tokens=1024",
+        "distill.seq_len=128", "distill.batch=2", "distill.checkpoint_every=2",
+        "quantize.gguf=[Q8_0,Q4_K_M]", "quantize.imatrix_tokens=512",
+        "eval.seqs=2", "eval.seq_len=64", "eval.prefill_tokens=32", "eval.decode_tokens=8", "eval.threads=1"]
+
+
+def compress(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "compress", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def phone_run(tmp_path_factory, teacher_gguf):
+    cwd = tmp_path_factory.mktemp("e2e")
+    t0 = time.time()
+    proc = compress("run", "profile=phone", "name=tiny", *TINY, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc, time.time() - t0
+
+
+def test_run_writes_every_artifact_and_a_complete_report(phone_run):
+    cwd, proc, _ = phone_run
+    run = cwd / "runs" / "tiny"
+    for name in ("teacher", "data", "student", "distilled", "gguf-F16", "gguf-Q8_0", "gguf-Q4_K_M"):
+        meta = json.loads((run / name / "meta.json").read_text())
+        assert meta["name"] == name and meta["hash"] and meta["versions"]["torch"]
+    for name in ("gguf-F16", "gguf-Q8_0", "gguf-Q4_K_M"):
+        assert (run / name / "model.gguf").stat().st_size > 10_000_000
+        assert "FROM" in (run / name / "Modelfile").read_text()
+    report = json.loads((run / "report.json").read_text())
+    arts = {a["name"]: a for a in report["artifacts"]}
+    assert {"teacher", "student", "distilled", "gguf-F16", "gguf-Q8_0", "gguf-Q4_K_M"} <= set(arts)
+    for a in arts.values():
+        for key in ("name", "format", "quant", "path", "parent", "size_mb", "params", "quality", "speed",
+                    "memory", "estimate", "budget", "pareto"):
+            assert key in a, (a["name"], key)
+        assert a["quality"]["ppl"] > 1 and 0 <= a["quality"]["top1"] <= 1
+        assert a["speed"]["decode_tps"] > 0 and a["memory"]["peak_rss_mb"] > 0
+    assert arts["teacher"]["quality"]["kld"] < 1e-3
+    # a 4-layer student is much worse than the teacher; quantization moves it only a little further
+    assert arts["student"]["quality"]["kld"] > 0.1
+    assert arts["gguf-Q4_K_M"]["size_mb"] < arts["gguf-Q8_0"]["size_mb"] < arts["gguf-F16"]["size_mb"]
+    assert abs(arts["gguf-F16"]["quality"]["kld"] - arts["distilled"]["quality"]["kld"]) < 0.05
+    assert "recommended" in report
+    for f in ("report.md", "report.html"):
+        assert (run / f).stat().st_size > 500
+    assert "report.html" in proc.stderr + proc.stdout
+
+
+def test_warm_rerun_skips_every_stage(phone_run):
+    cwd, _, _ = phone_run
+    t0 = time.time()
+    proc = compress("run", "profile=phone", "name=tiny", *TINY, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "▶" not in proc.stderr, proc.stderr          # nothing re-made
+    assert proc.stderr.count("reused") >= 7
+
+
+def test_changed_quant_list_only_adds_the_new_artifact(phone_run):
+    cwd, _, _ = phone_run
+    args = [a for a in TINY if not a.startswith("quantize.gguf")] + ["quantize.gguf=[Q8_0,Q4_K_M,Q4_0]"]
+    proc = compress("run", "profile=phone", "name=tiny", *args, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    made = [l.split()[2] for l in proc.stderr.splitlines() if l.startswith("▶")]
+    assert made == ["gguf-Q4_0", "eval-gguf-Q4_0"], made
+
+
+def test_compare_two_runs(phone_run, tmp_path):
+    cwd, _, _ = phone_run
+    run = cwd / "runs" / "tiny"
+    proc = compress("compare", str(run), str(run), "--out", str(tmp_path), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "compare.md").is_file() and (tmp_path / "compare.html").is_file()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "profile=phon"], "did you mean 'phone'"),
+    (["run", "teacher=/no/such/dir"], "does not exist"),
+    (["run", "distill.tokns=1"], "did you mean 'distill.tokens'"),
+])
+def test_bad_input_one_line_nonzero_and_nothing_written(tmp_path, args, needle):
+    proc = compress(*args, "name=bad", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not (tmp_path / "runs" / "bad").exists()

@@ -1,0 +1,248 @@
+"""GGUF export, importance matrix and llama.cpp quantization, checked in llama.cpp itself.
+
+Tiny random models over the built-in teacher's tokenizer go HF -> GGUF -> llama.cpp; logits on
+the same token ids are compared with the HF model's. The permutation test proves the round trip
+can fail: without llama.cpp's rotary row order the logits diverge.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compress import artifacts
+from compress.config import load_config
+from compress.errors import UserError
+from compress.export import gguf as export_gguf
+from compress.quantize import gguf as quantize_gguf
+from compress.quantize import imatrix as imatrix_stage
+from conftest import SHARED, make_tiny, save_data_artifact, save_hf_artifact
+
+gguf = pytest.importorskip("gguf")
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
+        "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles "
+        "and by opposing end them. To die, to sleep; no more; and by a sleep to say we end the "
+        "heart-ache and the thousand natural shocks that flesh is heir to: 'tis a consummation "
+        "devoutly to be wish'd. In 1603, 42 players met at <|im_start|> 7 o'clock.")
+
+
+def cfg_for(*overrides):
+    return load_config(["quantize.imatrix_tokens=1024", *overrides])
+
+
+def llama_logits(path, ids) -> np.ndarray:
+    """llama.cpp's logits [len(ids), vocab] for fixed token ids (no BOS added)."""
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max |a - b| relative to b's largest logit, fraction of positions with the same top-1)."""
+    return float(np.abs(a - b).max() / np.abs(b).max()), float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer):
+    out = tokenizer(TEXT)["input_ids"]
+    assert len(out) >= 90
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_model(tokenizer):
+    return make_tiny(tokenizer, arch="llama")
+
+
+@pytest.fixture(scope="module")
+def exported(llama_model, tokenizer, tmp_path_factory):
+    """(HF artifact, F16 GGUF artifact) of the tiny Llama, exported without a teacher."""
+    root = tmp_path_factory.mktemp("export")
+    src = save_hf_artifact(llama_model, tokenizer, root / "distilled", stage="distill")
+    return src, export_gguf.run(cfg_for(), src, root / "gguf-F16")
+
+
+@pytest.fixture(scope="module")
+def calibrated(exported, tmp_path_factory):
+    """An importance matrix of the tiny Llama measured on public-domain text."""
+    root = tmp_path_factory.mktemp("imatrix")
+    path = SHARED / "tiny_shakespeare" / "input.txt"
+    paras = [p for p in path.read_text().split("\n\n") if len(p) > 200][:40] if path.exists() else []
+    paras = paras or [TEXT] * 20
+    data = save_data_artifact(paras, paras[:2], root / "data")
+    return imatrix_stage.run(cfg_for(), exported[0], root / "imatrix", data=data)
+
+
+# ---------------------------------------------------------------- export
+
+def test_f16_round_trip_matches_hf(exported, llama_model, ids):
+    _, f16 = exported
+    rel, top1 = compare(llama_logits(f16.file, ids), hf_logits(llama_model, ids))
+    assert rel < 0.02, f"max logit difference {rel:.4f} of the logit scale"
+    assert top1 >= 0.99
+    assert f16.meta["quant"] == "F16" and f16.meta["format"] == "gguf"
+    assert f16.meta["params"] == sum(p.numel() for p in llama_model.parameters())
+
+
+def test_round_trip_fails_without_qk_permutation(llama_model, tokenizer, ids, tmp_path, monkeypatch):
+    src = save_hf_artifact(llama_model, tokenizer, tmp_path / "hf")
+    monkeypatch.setattr(export_gguf, "permute_qk", lambda w, n_head: w)
+    bad = export_gguf.run(cfg_for(), src, tmp_path / "gguf")
+    rel, top1 = compare(llama_logits(bad.file, ids), hf_logits(llama_model, ids))
+    assert rel > 0.1 and top1 < 0.9, (rel, top1)
+
+
+# BF16 keeps 8 mantissa bits (F16: 11), so near-tied top-1 tokens may swap.
+@pytest.mark.parametrize("qtype, want, max_rel, min_top1", [("BF16", "BF16", 0.05, 0.9), ("F32", "F32", 0.01, 0.99)])
+def test_other_unquantized_types(llama_model, tokenizer, ids, tmp_path, qtype, want, max_rel, min_top1):
+    src = save_hf_artifact(llama_model, tokenizer, tmp_path / "hf")
+    art = export_gguf.run(cfg_for(f"export.gguf={qtype}"), src, tmp_path / "gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(art.file)).tensors}
+    assert types["blk.0.attn_q.weight"] == want and types["blk.0.attn_norm.weight"] == "F32"
+    assert art.meta["quant"] == qtype and art.meta["metrics"]["tensor_types"][want] > 0
+    rel, top1 = compare(llama_logits(art.file, ids), hf_logits(llama_model, ids))
+    assert rel < max_rel and top1 >= min_top1, (rel, top1)
+
+
+def read_fields(path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    return {k: f for k, f in reader.fields.items()}, [t.name for t in reader.tensors]
+
+
+def test_metadata_from_hf_tokenizer(exported, tokenizer):
+    _, f16 = exported
+    fields, tensors = read_fields(f16.file)
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"     # the HF tokenizer is plain byte-level
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert len(fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
+    assert len(fields["tokenizer.ggml.merges"].data) > 1000
+    assert fields["llama.block_count"].contents() == 2
+    assert fields["llama.attention.head_count_kv"].contents() == 2
+    assert fields["general.file_type"].contents() == 1
+    assert "output.weight" not in tensors and "token_embd.weight" in tensors    # tied embeddings
+    modelfile = (f16.path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.gguf") and "TEMPLATE" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "warnings" not in f16.meta["metrics"]
+    # llama.cpp tokenizes like HF, special tokens included
+    llm = llama_cpp.Llama(str(f16.file), vocab_only=True, verbose=False)
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == tokenizer(TEXT)["input_ids"]
+
+
+def test_tokenizer_copied_from_teacher_gguf(tokenizer, teacher_gguf, tmp_path):
+    with artifacts.writing(tmp_path / "teacher", stage="teacher", config={}, parents=[], format="hf") as (tmp, meta):
+        meta["metrics"] = {"source_gguf": str(teacher_gguf)}
+    teacher = artifacts.load(tmp_path / "teacher")
+    src = save_hf_artifact(make_tiny(tokenizer, tie=False), tokenizer, tmp_path / "hf")
+    art = export_gguf.run(cfg_for(), src, tmp_path / "gguf", teacher=teacher)
+    fields, tensors = read_fields(art.file)
+    want, _ = read_fields(teacher_gguf)
+    keys = sorted(k for k in want if k.startswith("tokenizer."))
+    assert keys == sorted(k for k in fields if k.startswith("tokenizer."))
+    for k in keys:
+        assert fields[k].contents() == want[k].contents(), k
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert "output.weight" in tensors                               # untied: own output layer
+    assert [p["name"] for p in art.meta["parents"]] == ["hf", "teacher"]
+    assert art.meta["metrics"]["tokenizer"] == "teacher gguf"
+
+
+def test_qwen2_round_trip(tokenizer, ids, tmp_path):
+    model = make_tiny(tokenizer, arch="qwen2")
+    src = save_hf_artifact(model, tokenizer, tmp_path / "hf")
+    art = export_gguf.run(cfg_for(), src, tmp_path / "gguf")
+    fields, tensors = read_fields(art.file)
+    assert fields["general.architecture"].contents() == "qwen2" and "blk.0.attn_q.bias" in tensors
+    rel, top1 = compare(llama_logits(art.file, ids), hf_logits(model, ids))
+    assert rel < 0.02 and top1 >= 0.99
+
+
+def test_unsupported_architecture_names_supported(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64))
+    with artifacts.writing(tmp_path / "gpt2", stage="student", config={}, parents=[], format="hf") as (tmp, _):
+        model.save_pretrained(tmp)
+    with pytest.raises(UserError, match="gpt2.*supported: llama, qwen2"):
+        export_gguf.run(cfg_for(), artifacts.load(tmp_path / "gpt2"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_pre_tokenizer_records_warning():
+    assert export_gguf.PRE_TOKENIZERS.get(export_gguf._pre_signature({"type": "Whitespace"})) is None
+    sig = export_gguf._pre_signature({"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]})
+    assert export_gguf.PRE_TOKENIZERS[sig] == "smollm"
+
+
+# ---------------------------------------------------------------- imatrix and quantization
+
+def test_imatrix_keys_are_gguf_matrices(exported, calibrated):
+    _, f16 = exported
+    matrix = dict(np.load(calibrated.file))
+    shapes = {t.name: [int(n) for n in t.shape] for t in gguf.GGUFReader(str(f16.file)).tensors}
+    assert set(matrix) == {n for n, s in shapes.items() if len(s) == 2}    # incl. tied token_embd
+    for name, values in matrix.items():
+        assert values.shape == (shapes[name][0],) and np.all(values > 0), name     # [in_features]
+    assert calibrated.meta["metrics"] == {"tokens": 1024, "tensors": len(matrix)}
+    assert calibrated.meta["config"] == {"imatrix_tokens": 1024}
+
+
+@pytest.mark.parametrize("qtype, max_rel, min_top1", [("Q8_0", 0.03, 0.97), ("Q4_0", 0.3, 0.6)])
+def test_quantize_with_imatrix(exported, calibrated, ids, tmp_path, capfd, qtype, max_rel, min_top1):
+    _, f16 = exported
+    art = quantize_gguf.run(cfg_for(), f16, tmp_path / f"gguf-{qtype}", qtype=qtype, imatrix=calibrated)
+    assert art.meta["size_bytes"] < f16.meta["size_bytes"]
+    m = art.meta["metrics"]
+    assert m["imatrix"] is True and m["tensors"]["blk.0.attn_q.weight"] == qtype
+    assert m["tensors"]["blk.0.attn_norm.weight"] == "F32" and sum(m["tensor_types"].values()) == len(m["tensors"])
+    assert m["fallbacks"] == (1 if qtype == "Q4_0" else 0)     # tied output wants Q6_K; width 64 < 256
+    assert art.meta["config"] == {"type": qtype, "imatrix": True, "imatrix_tokens": 1024}
+    assert [p["name"] for p in art.meta["parents"]] == ["gguf-F16", "imatrix"]
+    assert (art.path / "Modelfile").read_text() == (f16.path / "Modelfile").read_text()
+    assert "importance matrix" in (art.path / "quantize.log").read_text()
+    assert "llama_model_quantize" not in capfd.readouterr().err     # llama.cpp's log stays in the file
+    rel, top1 = compare(llama_logits(art.file, ids), llama_logits(f16.file, ids))
+    assert rel < max_rel and top1 >= min_top1, (rel, top1)
+
+
+def test_imatrix_changes_q4_0(exported, calibrated, tmp_path):
+    _, f16 = exported
+    with_im = quantize_gguf.run(cfg_for(), f16, tmp_path / "with", qtype="Q4_0", imatrix=calibrated)
+    without = quantize_gguf.run(cfg_for(), f16, tmp_path / "without", qtype="Q4_0")
+    assert without.meta["metrics"]["imatrix"] is False and without.meta["config"]["imatrix_tokens"] is None
+    assert with_im.meta["metrics"]["tensors"] == without.meta["metrics"]["tensors"]
+    assert with_im.file.read_bytes() != without.file.read_bytes()
+
+
+def test_quantize_error_is_one_line_and_leaves_nothing(exported, tmp_path):
+    _, f16 = exported
+    with artifacts.writing(tmp_path / "imatrix", stage="imatrix", config={"imatrix_tokens": 1},
+                           parents=[], format="imatrix", file="imatrix.npz") as (tmp, _):
+        np.savez(tmp / "imatrix.npz", **{"blk.0.attn_q.weight": np.ones(7, np.float32)})    # wrong width
+    bad = artifacts.load(tmp_path / "imatrix")
+    with pytest.raises(UserError, match="imatrix size 7 is different"):
+        quantize_gguf.run(cfg_for(), f16, tmp_path / "out", qtype="Q4_0", imatrix=bad)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    with pytest.raises(UserError, match="unknown quantized GGUF type Q4_X"):
+        quantize_gguf.run(cfg_for(), f16, tmp_path / "out", qtype="Q4_X")
+
+
+def test_modelfile_without_chatml(tmp_path):
+    from compress.export.modelfile import write_modelfile
+    text = write_modelfile(tmp_path, "{{ bos_token }}[INST] {{ m }} [/INST]", ["</s>"]).read_text()
+    assert not any(ln.startswith("TEMPLATE") for ln in text.splitlines()) and 'PARAMETER stop "</s>"' in text
+    assert json.loads(text.splitlines()[-1].split(" ", 2)[2]) == "</s>"
