@@ -78,7 +78,7 @@ def run(cfg: RunConfig) -> dict:
     if cfg.quantize.gguf and cfg.quantize.imatrix:
         imat = r.step("imatrix", "imatrix", imatrix.run, {"imatrix_tokens": cfg.quantize.imatrix_tokens},
                       [distilled, data_art], src=distilled, data=data_art)
-    quants = [r.step("quantize", f"gguf-{q}", quantize_gguf.run, quantize_gguf.config_of(cfg, q, imat),
+    quants = [r.step("quantize", f"gguf-{q}", quantize_gguf.run, quantize_gguf.config_of(q, imat),
                      [f16, imat], src=f16, qtype=q, imatrix=imat)
               for q in cfg.quantize.gguf]
 

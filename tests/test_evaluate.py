@@ -126,7 +126,7 @@ def test_load_warning_only_when_threads_lack_free_cores():
 @pytest.fixture()
 def tiny_gguf(tiny_llama, tmp_path):
     """The tiny Llama exported to an F32 GGUF by the export stage (lossless, so runtimes must agree)."""
-    gguf_export = pytest.importorskip("compress.export.gguf")
+    from compress.export import gguf as gguf_export
     cfg = load_config(["name=t", f"out={tmp_path}", "export.gguf=F32"])
     return gguf_export.run(cfg, tiny_llama, tmp_path / "gguf-F32")
 

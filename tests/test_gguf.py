@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import gguf
+import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -19,9 +21,6 @@ from compress.export import gguf as export_gguf
 from compress.quantize import gguf as quantize_gguf
 from compress.quantize import imatrix as imatrix_stage
 from conftest import SHARED, make_tiny, save_data_artifact, save_hf_artifact
-
-gguf = pytest.importorskip("gguf")
-llama_cpp = pytest.importorskip("llama_cpp")
 
 TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
         "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles "
@@ -47,6 +46,13 @@ def llama_logits(path, ids) -> np.ndarray:
 def hf_logits(model, ids) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean KL(p || q) in nats per position, from logits [positions, vocab]."""
+    lp = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
+    lq = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -94,6 +100,7 @@ def test_f16_round_trip_matches_hf(exported, llama_model, ids):
     assert top1 >= 0.99
     assert f16.meta["quant"] == "F16" and f16.meta["format"] == "gguf"
     assert f16.meta["params"] == sum(p.numel() for p in llama_model.parameters())
+    assert artifacts.find_done(f16.path, "export", cfg_for().section("export"), [exported[0]])
 
 
 def test_round_trip_fails_without_qk_permutation(llama_model, tokenizer, ids, tmp_path, monkeypatch):
@@ -116,14 +123,15 @@ def test_other_unquantized_types(llama_model, tokenizer, ids, tmp_path, qtype, w
     assert rel < max_rel and top1 >= min_top1, (rel, top1)
 
 
-def read_fields(path) -> dict:
+def read_gguf(path) -> tuple[dict, list[str]]:
+    """(metadata fields by key, tensor names) of a GGUF file."""
     reader = gguf.GGUFReader(str(path))
-    return {k: f for k, f in reader.fields.items()}, [t.name for t in reader.tensors]
+    return dict(reader.fields), [t.name for t in reader.tensors]
 
 
 def test_metadata_from_hf_tokenizer(exported, tokenizer):
     _, f16 = exported
-    fields, tensors = read_fields(f16.file)
+    fields, tensors = read_gguf(f16.file)
     assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"     # the HF tokenizer is plain byte-level
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
@@ -149,8 +157,8 @@ def test_tokenizer_copied_from_teacher_gguf(tokenizer, teacher_gguf, tmp_path):
     teacher = artifacts.load(tmp_path / "teacher")
     src = save_hf_artifact(make_tiny(tokenizer, tie=False), tokenizer, tmp_path / "hf")
     art = export_gguf.run(cfg_for(), src, tmp_path / "gguf", teacher=teacher)
-    fields, tensors = read_fields(art.file)
-    want, _ = read_fields(teacher_gguf)
+    fields, tensors = read_gguf(art.file)
+    want, _ = read_gguf(teacher_gguf)
     keys = sorted(k for k in want if k.startswith("tokenizer."))
     assert keys == sorted(k for k in fields if k.startswith("tokenizer."))
     for k in keys:
@@ -165,10 +173,62 @@ def test_qwen2_round_trip(tokenizer, ids, tmp_path):
     model = make_tiny(tokenizer, arch="qwen2")
     src = save_hf_artifact(model, tokenizer, tmp_path / "hf")
     art = export_gguf.run(cfg_for(), src, tmp_path / "gguf")
-    fields, tensors = read_fields(art.file)
+    fields, tensors = read_gguf(art.file)
     assert fields["general.architecture"].contents() == "qwen2" and "blk.0.attn_q.bias" in tensors
     rel, top1 = compare(llama_logits(art.file, ids), hf_logits(model, ids))
     assert rel < 0.02 and top1 >= 0.99
+
+
+def test_llama3_rope_scaling_round_trip(tokenizer, ids, tmp_path):
+    """Llama 3.1-style scaled rope travels as llama.cpp's rope_freqs tensor."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64, "rope_theta": 500000.0})
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    src = save_hf_artifact(model, tokenizer, tmp_path / "hf")
+    art = export_gguf.run(cfg_for(), src, tmp_path / "gguf")
+    assert "rope_freqs.weight" in read_gguf(art.file)[1]
+    rel, top1 = compare(llama_logits(art.file, ids), hf_logits(model, ids))
+    assert rel < 0.02 and top1 >= 0.99, (rel, top1)
+
+
+def spm_style_tokenizer(text: str):
+    """A small Llama-2-style tokenizer: byte-fallback BPE over '▁'-joined words, BOS added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tk.train_from_iterator(text.splitlines(), trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
+                                                        limit_alphabet=60, show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                      special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_spm_style_tokenizer_matches_hf(tmp_path):
+    path = SHARED / "tiny_shakespeare" / "input.txt"
+    text = path.read_text()[:100_000] if path.exists() else (TEXT + "\n") * 200
+    tok = spm_style_tokenizer(text)
+    src = save_hf_artifact(make_tiny(tok), tok, tmp_path / "hf")
+    art = export_gguf.run(cfg_for(), src, tmp_path / "gguf")
+    fields, _ = read_gguf(art.file)
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    llm = llama_cpp.Llama(str(art.file), vocab_only=True, verbose=False)
+    samples = [p for p in (text[-20_000:] if path.exists() else TEXT).split("\n\n") if p.strip()][:50]
+    for s in samples + ["Bytes: ünïcode → 日本, 1603", "  two  spaces\nnew line"]:
+        assert llm.tokenize(s.encode(), add_bos=True) == tok(s)["input_ids"], s
 
 
 def test_unsupported_architecture_names_supported(tmp_path):
@@ -181,11 +241,19 @@ def test_unsupported_architecture_names_supported(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_pre_tokenizer_records_warning():
-    assert export_gguf.PRE_TOKENIZERS.get(export_gguf._pre_signature({"type": "Whitespace"})) is None
+def test_unknown_pre_tokenizer_records_warning(llama_model, tokenizer, tmp_path):
     sig = export_gguf._pre_signature({"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]})
     assert export_gguf.PRE_TOKENIZERS[sig] == "smollm"
+    src = save_hf_artifact(llama_model, tokenizer, tmp_path / "hf")
+    tj = json.loads((src.path / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": False}, tj["pre_tokenizer"]]}    # in no table
+    (src.path / "tokenizer.json").write_text(json.dumps(tj))
+    art = export_gguf.run(cfg_for(), src, tmp_path / "gguf")
+    fields, _ = read_gguf(art.file)
+    assert fields["tokenizer.ggml.pre"].contents() == "default"
+    assert "pre-tokenizer" in art.meta["metrics"]["warnings"][0]
 
 
 # ---------------------------------------------------------------- imatrix and quantization
@@ -201,8 +269,10 @@ def test_imatrix_keys_are_gguf_matrices(exported, calibrated):
     assert calibrated.meta["config"] == {"imatrix_tokens": 1024}
 
 
-@pytest.mark.parametrize("qtype, max_rel, min_top1", [("Q8_0", 0.03, 0.97), ("Q4_0", 0.3, 0.6)])
-def test_quantize_with_imatrix(exported, calibrated, ids, tmp_path, capfd, qtype, max_rel, min_top1):
+# Random Gaussian weights have no structure for 4 bits to keep, so Q4_0 drifts far more here
+# than on trained models; Q8_0 must stay close (measured: KL 0.003, Q4_0 0.3 nats/token).
+@pytest.mark.parametrize("qtype, max_kld", [("Q8_0", 0.01), ("Q4_0", 0.5)])
+def test_quantize_with_imatrix(exported, calibrated, ids, tmp_path, capfd, qtype, max_kld):
     _, f16 = exported
     art = quantize_gguf.run(cfg_for(), f16, tmp_path / f"gguf-{qtype}", qtype=qtype, imatrix=calibrated)
     assert art.meta["size_bytes"] < f16.meta["size_bytes"]
@@ -211,21 +281,29 @@ def test_quantize_with_imatrix(exported, calibrated, ids, tmp_path, capfd, qtype
     assert m["tensors"]["blk.0.attn_norm.weight"] == "F32" and sum(m["tensor_types"].values()) == len(m["tensors"])
     assert m["fallbacks"] == (1 if qtype == "Q4_0" else 0)     # tied output wants Q6_K; width 64 < 256
     assert art.meta["config"] == {"type": qtype, "imatrix": True, "imatrix_tokens": 1024}
+    assert artifacts.find_done(art.path, "quantize", quantize_gguf.config_of(qtype, calibrated),
+                               [f16, calibrated])       # the pipeline's resume check finds it
     assert [p["name"] for p in art.meta["parents"]] == ["gguf-F16", "imatrix"]
     assert (art.path / "Modelfile").read_text() == (f16.path / "Modelfile").read_text()
     assert "importance matrix" in (art.path / "quantize.log").read_text()
     assert "llama_model_quantize" not in capfd.readouterr().err     # llama.cpp's log stays in the file
-    rel, top1 = compare(llama_logits(art.file, ids), llama_logits(f16.file, ids))
-    assert rel < max_rel and top1 >= min_top1, (rel, top1)
+    ref = llama_logits(f16.file, ids)
+    got = kld(ref, llama_logits(art.file, ids))
+    print(f"{qtype} with imatrix: KL to F16 {got:.4f} nats/token")
+    assert got < max_kld
+    assert kld(ref, np.roll(ref, 1, axis=0)) > 4 * max_kld      # the bound is far below unrelated logits
 
 
-def test_imatrix_changes_q4_0(exported, calibrated, tmp_path):
+def test_imatrix_changes_q4_0(exported, calibrated, ids, tmp_path):
     _, f16 = exported
     with_im = quantize_gguf.run(cfg_for(), f16, tmp_path / "with", qtype="Q4_0", imatrix=calibrated)
     without = quantize_gguf.run(cfg_for(), f16, tmp_path / "without", qtype="Q4_0")
     assert without.meta["metrics"]["imatrix"] is False and without.meta["config"]["imatrix_tokens"] is None
     assert with_im.meta["metrics"]["tensors"] == without.meta["metrics"]["tensors"]
     assert with_im.file.read_bytes() != without.file.read_bytes()
+    # Weighting rounding errors by activation energy keeps the output closer (measured 0.27 vs 0.30).
+    ref = llama_logits(f16.file, ids)
+    assert kld(ref, llama_logits(with_im.file, ids)) < kld(ref, llama_logits(without.file, ids))
 
 
 def test_quantize_error_is_one_line_and_leaves_nothing(exported, tmp_path):

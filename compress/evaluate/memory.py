@@ -4,10 +4,10 @@
     peak_rss_mb(artifact, threads=2)                                    # the same, from Python
 
 The child loads the artifact, prefills a prompt and decodes a few tokens, then reports its own
-peak RSS (getrusage ru_maxrss). A separate process is the only honest figure: the evaluating
-process already holds torch, transformers and the teacher. For a GGUF the child imports llama_cpp
-and nothing heavier, so the number is what a llama.cpp process serving the model costs (mapped
-weights that were touched count, as they do on the device).
+peak RSS (VmHWM on Linux, getrusage elsewhere). A separate process is the only honest figure: the
+evaluating process already holds torch, transformers and the teacher. For a GGUF the child imports
+llama_cpp and nothing heavier, so the number is what a llama.cpp process serving the model costs
+(mapped weights that were touched count, as they do on the device).
 """
 from __future__ import annotations
 
@@ -21,10 +21,22 @@ PREFILL_TOKENS = 128
 DECODE_TOKENS = 8
 
 
-def _maxrss_mb() -> float:
+def _peak_rss_mb() -> float:
+    """This process's peak RSS in MiB.
+
+    Linux: VmHWM of the current address space. getrusage's ru_maxrss is not used there because
+    exec keeps the high-water mark of the address space it replaces, and subprocess spawns with
+    vfork, so the child would report the *parent's* peak (torch and all). Elsewhere ru_maxrss.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0    # kB
+    except OSError:
+        pass
     import resource
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / (1024.0 * 1024.0) if sys.platform == "darwin" else kb / 1024.0   # macOS reports bytes
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0   # macOS: bytes
 
 
 def measure_here(artifact_dir: str, threads: int, prefill: int = PREFILL_TOKENS,
@@ -39,7 +51,7 @@ def measure_here(artifact_dir: str, threads: int, prefill: int = PREFILL_TOKENS,
     tok = rt.prefill(ids)
     for _ in range(decode):
         tok = rt.decode_step(tok)
-    peak = _maxrss_mb()
+    peak = _peak_rss_mb()
     rt.close()
     return peak
 

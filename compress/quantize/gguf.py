@@ -35,9 +35,7 @@ def run(cfg, src, out, *, qtype: str, imatrix=None) -> artifacts.Artifact:
     if qtype not in QUANTIZED:
         raise UserError(f"unknown quantized GGUF type {qtype}{closest(qtype, QUANTIZED)}; "
                         f"supported: {', '.join(QUANTIZED)}")
-    config = {"type": qtype, "imatrix": imatrix is not None,
-              "imatrix_tokens": imatrix.meta["config"].get("imatrix_tokens") if imatrix is not None else None}
-    with artifacts.writing(out, stage="quantize", config=config, parents=[src, imatrix],
+    with artifacts.writing(out, stage="quantize", config=config_of(qtype, imatrix), parents=[src, imatrix],
                            format="gguf", quant=qtype, file=OUT_FILE) as (tmp, meta):
         matrix = dict(np.load(imatrix.file)) if imatrix is not None else None
         fallbacks = quantize(src.file, tmp / OUT_FILE, qtype, matrix, tmp / LOG_FILE)
@@ -50,6 +48,12 @@ def run(cfg, src, out, *, qtype: str, imatrix=None) -> artifacts.Artifact:
         meta["metrics"] = {"tensor_types": counts, "tensors": types, "fallbacks": fallbacks,
                            "imatrix": imatrix is not None}
     return artifacts.load(out)
+
+
+def config_of(qtype: str, imatrix=None) -> dict:
+    """The stage config recorded in meta.json (and hashed for resume)."""
+    return {"type": qtype, "imatrix": imatrix is not None,
+            "imatrix_tokens": imatrix.meta["config"].get("imatrix_tokens") if imatrix is not None else None}
 
 
 def quantize(src: Path, dst: Path, qtype: str, matrix: dict[str, np.ndarray] | None, log: Path) -> int:
