@@ -248,4 +248,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_texts(art: artifacts.Artifact, split: str) -> list[str]:
-    return [r["text"] for r in read_jsonl(art.path / f"{split}.jsonl")]
+    """The non-empty texts of a data artifact's split ('train' or 'heldout')."""
+    path = art.path / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; re-run the data stage (stages=[data])")
+    texts = []
+    for row in read_jsonl(path):
+        if not isinstance(row.get("text"), str):
+            raise UserError(f"{path} has a row without a 'text' string; re-run the data stage (stages=[data])")
+        texts.append(row["text"])
+    return [t for t in texts if t.strip()]

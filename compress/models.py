@@ -110,6 +110,17 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def check_local_arch(path: Path) -> None:
+    """The architecture check for a local HF dir, from config.json alone (no weights loaded)."""
+    import json
+    try:
+        mt = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/config.json is unreadable ({e}); give a directory saved with save_pretrained") from None
+    if mt not in SUPPORTED_ARCHS:
+        raise UserError(f"unsupported architecture '{mt}'; compress supports: {', '.join(SUPPORTED_ARCHS)}")
+
+
 def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     quiet_transformers()

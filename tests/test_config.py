@@ -74,3 +74,12 @@ def test_cli_ls(capsys):
     assert "Q4_K_M" in capsys.readouterr().out
     assert main(["ls", "keys"]) == 0
     assert "distill.tokens" in capsys.readouterr().out
+
+
+def test_profiles_are_found_outside_the_checkout(tmp_path):
+    """After `pip install .` the profiles ship as package data (run from another directory)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "compress", "ls", "profiles"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "phone" in proc.stdout, proc.stderr

@@ -91,3 +91,29 @@ def test_bad_input_one_line_nonzero_and_nothing_written(tmp_path, args, needle):
     assert proc.returncode == 2
     assert needle in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_unsupported_architecture_and_empty_data_are_one_line_errors(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer))).save_pretrained(gpt2)
+    proc = compress("run", f"teacher={gpt2}", "name=arch", cwd=tmp_path)
+    assert proc.returncode == 2 and "unsupported architecture 'gpt2'" in proc.stderr
+    assert "llama" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not list((tmp_path / "runs" / "arch").glob("*/meta.json"))
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    proc = compress("run", f"data={empty}", "name=empty", cwd=tmp_path)
+    assert proc.returncode == 2 and "holds no text" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "runs" / "empty").exists()
+
+
+def test_local_hf_directory_works_as_teacher(tmp_path, tiny_llama):
+    from compress import models
+    from compress.config import load_config
+    cfg = load_config([f"teacher={tiny_llama.path}", f"out={tmp_path}", "name=local"])
+    art = models.run(cfg, None, tmp_path / "local" / "teacher")
+    assert art.meta["format"] == "hf" and art.meta["metrics"]["source_gguf"] is None
+    assert art.meta["params"] == tiny_llama.meta["params"]

@@ -52,6 +52,8 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
         meta["params"] = count_params(student)
         meta["metrics"] = stats
     shutil.rmtree(ckpt_dir, ignore_errors=True)   # the artifact now holds the result
+    if ckpt_dir.parent.is_dir() and not any(ckpt_dir.parent.iterdir()):
+        ckpt_dir.parent.rmdir()
     return artifacts.load(out)
 
 

@@ -20,29 +20,13 @@ import numpy as np
 
 from .. import artifacts
 from ..config import resolved_threads
+from ..data import read_texts
 from ..errors import UserError
 
 REFERENCE = "reference"
 
 
 # ---------------------------------------------------------------- held-out token ids
-
-def read_texts(data) -> list[str]:
-    path = Path(data.path) / "heldout.jsonl"
-    if not path.is_file():
-        return []
-    texts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{n} is not a JSON object with a \"text\" key; "
-                                f"re-run the data stage (stages=[data])") from None
-    return [t for t in texts if t.strip()]
-
 
 def heldout_ids(tokenizer, texts: list[str], seqs: int, seq_len: int) -> np.ndarray:
     """Texts -> [n, L] int64: documents joined with EOS and cut into n <= seqs rows of L tokens.
@@ -84,7 +68,7 @@ def reference(cfg, run_dir: Path, teacher, data) -> artifacts.Artifact:
     from ..models import load_tokenizer
     from .runtimes import TorchRuntime
     tok = load_tokenizer(str(teacher.path))
-    ids = heldout_ids(tok, read_texts(data), cfg.eval.seqs, cfg.eval.seq_len)
+    ids = heldout_ids(tok, read_texts(data, "heldout"), cfg.eval.seqs, cfg.eval.seq_len)
     with artifacts.writing(out, stage=REFERENCE, config=config, parents=[teacher, data],
                            format="logprobs") as (tmp, meta):
         np.save(tmp / "ids.npy", ids)
