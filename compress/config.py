@@ -83,6 +83,7 @@ class Quantize:
     gguf: list = field(default_factory=lambda: ["Q8_0", "Q4_K_M", "Q4_0"])
     imatrix: bool = True            # importance matrix from the calibration (training) data
     imatrix_tokens: int = 4096
+    teacher: bool = True            # also quantize the teacher itself: the baseline to beat
 
 
 @dataclass

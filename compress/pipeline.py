@@ -57,8 +57,6 @@ def run(cfg: RunConfig) -> dict:
     from . import data, models
     from .distill import student, train
     from .evaluate import run as evaluate
-    from .export import gguf as export_gguf
-    from .quantize import gguf as quantize_gguf, imatrix
     from .report import print_table, write as write_report
 
     preflight(cfg)
@@ -72,19 +70,13 @@ def run(cfg: RunConfig) -> dict:
                   src=teacher, data=data_art)
     distilled = r.step("distill", "distilled", train.run, train.config_of(cfg), [stud, teacher, data_art],
                        src=stud, teacher=teacher, data=data_art)
-    f16 = r.step("export", f"gguf-{cfg.export.gguf}", export_gguf.run, cfg.section("export"),
-                 [distilled, teacher], src=distilled, teacher=teacher)
-    imat = None
-    if cfg.quantize.gguf and cfg.quantize.imatrix:
-        imat = r.step("imatrix", "imatrix", imatrix.run, {"imatrix_tokens": cfg.quantize.imatrix_tokens},
-                      [distilled, data_art], src=distilled, data=data_art)
-    quants = [r.step("quantize", f"gguf-{q}", quantize_gguf.run, quantize_gguf.config_of(q, imat),
-                     [f16, imat], src=f16, qtype=q, imatrix=imat)
-              for q in cfg.quantize.gguf]
+    shipped = gguf_branch(r, "", distilled, teacher, data_art)
+    # The teacher itself, quantized: the baseline every distilled artifact has to beat.
+    baseline = gguf_branch(r, "teacher-", teacher, teacher, data_art) if cfg.quantize.teacher else []
 
     from .config import resolved_threads
     eval_cfg = {**cfg.section("eval"), "threads": resolved_threads(cfg)}
-    for art in [teacher, stud, distilled, f16, *quants]:
+    for art in [teacher, stud, distilled, *shipped, *baseline]:
         r.step("evaluate", f"eval-{art.name}", evaluate, eval_cfg, [art, teacher, data_art],
                src=art, teacher=teacher, data=data_art)
 
@@ -94,6 +86,23 @@ def run(cfg: RunConfig) -> dict:
     for key in ("md", "html"):
         console.print(f"report: {paths[key]}")
     return report
+
+
+def gguf_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
+    """HF artifact -> GGUF export -> importance matrix -> one artifact per quantized type."""
+    from .export import gguf as export_gguf
+    from .quantize import gguf as quantize_gguf, imatrix
+    cfg = r.cfg
+    f16 = r.step("export", f"{prefix}gguf-{cfg.export.gguf}", export_gguf.run, cfg.section("export"),
+                 [hf, teacher], src=hf, teacher=teacher)
+    imat = None
+    if cfg.quantize.gguf and cfg.quantize.imatrix:
+        imat = r.step("imatrix", f"{prefix}imatrix", imatrix.run, {"imatrix_tokens": cfg.quantize.imatrix_tokens},
+                      [hf, data_art], src=hf, data=data_art)
+    quants = [r.step("quantize", f"{prefix}gguf-{q}", quantize_gguf.run, quantize_gguf.config_of(q, imat),
+                     [f16, imat], src=f16, qtype=q, imatrix=imat)
+              for q in cfg.quantize.gguf]
+    return [f16, *quants]
 
 
 def preflight(cfg: RunConfig) -> None:
