@@ -46,6 +46,19 @@ class Student:
 
 
 @dataclass
+class Prune:
+    """Structured pruning targets; any set target replaces the layer-subset student."""
+    layers: int | None = None       # decoder layers to keep (depth)
+    mlp: int | None = None          # MLP intermediate width to keep
+    heads: int | None = None        # attention (query) heads to keep; KV groups stay consistent
+    hidden: int | None = None       # hidden/embedding width to keep
+    params: str | None = None       # overall target: a fraction like 0.5 or an absolute like 60M
+    depth_metric: str = "block_influence"   # block_influence | loss
+    multiple: int = 32              # round widths to this (256 lets GGUF k-quants apply)
+    calib_tokens: int = 2048
+
+
+@dataclass
 class Gen:
     """Built-in data: the teacher answers built-in prompts (used when data= is not given)."""
     prompts: int = 120
@@ -109,6 +122,7 @@ class RunConfig:
     device: Device = field(default_factory=Device)
     budgets: Budgets = field(default_factory=Budgets)
     student: Student = field(default_factory=Student)
+    prune: Prune = field(default_factory=Prune)
     gen: Gen = field(default_factory=Gen)
     distill: Distill = field(default_factory=Distill)
     export: Export = field(default_factory=Export)
@@ -126,7 +140,7 @@ class RunConfig:
         return Path(self.out) / self.name
 
 
-STAGES = ["teacher", "data", "student", "distill", "export", "quantize", "evaluate", "report"]
+STAGES = ["teacher", "data", "student", "prune", "distill", "export", "quantize", "evaluate", "report"]
 # `student=path` is shorthand for `student.model=path`.
 SHORTHANDS = {"student": "student.model"}
 

@@ -57,6 +57,7 @@ def run(cfg: RunConfig) -> dict:
     from . import data, models
     from .distill import student, train
     from .evaluate import run as evaluate
+    from .preflight import preflight
     from .report import print_table, write as write_report
 
     preflight(cfg)
@@ -103,30 +104,3 @@ def gguf_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
                      [f16, imat], src=f16, qtype=q, imatrix=imat)
               for q in cfg.quantize.gguf]
     return [f16, *quants]
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Refuse early, before anything is written: bad paths, no space, no write permission."""
-    import shutil
-    from .errors import UserError
-    from .models import check_local_arch, resolve_teacher
-    for spec in (cfg.teacher, cfg.student.model):
-        if spec and not spec.startswith("builtin:"):
-            path, gguf_file = resolve_teacher(spec)   # checks the path/id shape without loading
-            if not gguf_file and Path(path).is_dir():
-                check_local_arch(Path(path))
-    if cfg.data and cfg.data.endswith((".txt", ".jsonl", ".json")) and not Path(cfg.data).expanduser().is_file():
-        raise UserError(f"data file {cfg.data} does not exist; give a .txt, a .jsonl or an HF dataset name")
-    if cfg.data and Path(cfg.data).expanduser().is_file() and not Path(cfg.data).expanduser().read_text(errors="replace").strip():
-        raise UserError(f"data {cfg.data} holds no text; give a file with paragraphs (.txt) or rows (.jsonl)")
-    base = Path(cfg.out)
-    probe = base if base.exists() else base.resolve().parent
-    while not probe.exists():
-        probe = probe.parent
-    free_mb = shutil.disk_usage(probe).free / 2**20
-    if free_mb < 2048:
-        raise UserError(f"only {free_mb:.0f} MB free under {probe}; a run needs about 2 GB for the built-in "
-                        f"teacher: free some space or set out=<dir on a larger disk>")
-    import os
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write to {probe}; set out=<a writable directory>")
