@@ -51,8 +51,14 @@ def load(path) -> Artifact:
         raise UserError(f"{path} is not a finished artifact (no {META}); re-run the stage that makes it")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{meta_path} is corrupt ({e}); delete {path} and re-run") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path} is corrupt (not a JSON object); delete {path} and re-run")
+    # The main file must stay inside the artifact: a tampered meta.json must not point elsewhere.
+    file = str(meta.get("file") or ".")
+    if Path(file).is_absolute() or ".." in Path(file).parts:
+        raise UserError(f"{meta_path} names file '{file}' outside its directory; delete {path} and re-run")
     return Artifact(path, meta)
 
 
@@ -69,7 +75,13 @@ def find_done(out: Path, stage: str, config: dict, parents: list) -> Artifact | 
     if not (out / META).is_file():
         return None
     art = load(out)
-    return art if art.meta.get("hash") == expected_hash(stage, config, parents) else None
+    if art.meta.get("hash") != expected_hash(stage, config, parents):
+        return None
+    # A main file that changed size after it was finished (truncated copy, disk error) is redone.
+    file = art.meta.get("file", ".")
+    if file != "." and (not art.file.is_file() or art.file.stat().st_size != art.meta.get("size_bytes")):
+        return None
+    return art
 
 
 def library_versions() -> dict:

@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        if debug:
+            raise
+        print("error: out of memory; lower distill.batch or distill.seq_len, use a smaller student "
+              "(student.layers), or close other programs; finished stages are kept and a re-run resumes",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept and a re-run resumes", file=sys.stderr)
         return 130

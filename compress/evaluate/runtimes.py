@@ -111,8 +111,12 @@ class LlamaCppRuntime:
         if not str(path).endswith(".gguf") or not os.path.isfile(path):
             raise UserError(f"{path} is not a .gguf file; re-run the export/quantize stage that makes it")
         # One batch holds a whole sequence, so logprobs() is a single llama_decode call.
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=all_logits, verbose=False)
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                                       n_threads_batch=threads, logits_all=all_logits, verbose=False)
+        except ValueError as e:   # llama.cpp refuses truncated/corrupt files ("Failed to load model")
+            raise UserError(f"llama.cpp cannot load {path} ({e}); the file may be truncated or corrupt: "
+                            f"delete its artifact directory and re-run the export/quantize stage") from None
         self.all_logits = all_logits
         self.n_ctx = n_ctx
         self.n_vocab = int(self.llm.n_vocab())
