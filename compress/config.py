@@ -119,6 +119,7 @@ class RunConfig:
     stages: list | None = None      # redo only these stages (others are reused when finished)
     force: bool = False             # redo every stage
     trust_remote_code: bool = False
+    preflight: bool = True          # refuse runs whose RAM/disk estimate exceeds this host
     device: Device = field(default_factory=Device)
     budgets: Budgets = field(default_factory=Budgets)
     student: Student = field(default_factory=Student)

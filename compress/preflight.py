@@ -227,6 +227,8 @@ def host_room(probe: Path, run_dir: Path) -> dict:
 
 
 def check_room(teacher: dict, student: dict | None, cfg: RunConfig, probe: Path) -> None:
+    if not cfg.preflight:
+        return
     have = host_room(probe, cfg.run_dir)
     knobs = knobs_of(cfg, "cuda" if have["vram_mb"] is not None else "cpu")
     short = shortfalls(estimate(teacher, knobs, student), have)
@@ -235,5 +237,6 @@ def check_room(teacher: dict, student: dict | None, cfg: RunConfig, probe: Path)
     fix = suggest(teacher, knobs, have, student)
     hint = (f"try {' '.join(fix)}" if fix else
             "free memory or disk space, set out=<a larger disk>, or use a smaller teacher")
+    hint += " (preflight=false skips this check)"
     raise UserError(f"this run does not fit this machine ({'; '.join(short)}, teacher "
                     f"{teacher['params'] / 1e6:.0f}M parameters): {hint}")

@@ -146,9 +146,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
     poisoned = save_hf_artifact(teacher, tokenizer, run / "teacher", stage="teacher")
     cfg = load_config([f"out={tmp_path}", "name=nan", f"distill.tokens={steps * batch * seq_len}",
                        f"distill.seq_len={seq_len}", f"distill.batch={batch}", f"distill.checkpoint_every={every}"])
-    with pytest.raises(UserError, match=rf"loss became nan at step {bad_step}; the last good checkpoint is kept") as e:
+    with pytest.raises(UserError, match=rf"loss became nan at step {bad_step} \(the last good checkpoint is kept") as e:
         train.run(cfg, student, run / "distilled", teacher=poisoned, data=tiny_data)
-    assert "Lower distill.lr" in str(e.value) and "\n" not in str(e.value)
+    assert "lower distill.lr" in str(e.value) and "\n" not in str(e.value)
     assert not (run / "distilled").exists()
     [ckpt] = (run / "checkpoints").glob("*/checkpoint.pt")
     assert str(ckpt.parent) in str(e.value)

@@ -123,8 +123,10 @@ def train(student, teacher, seqs: torch.Tensor, d, steps: int, ckpt_dir: Path, d
                 loss.backward()
                 total += loss.item()
             if not math.isfinite(total):
-                raise UserError(f"distill loss became {total} at step {step}; the last good checkpoint is kept "
-                                f"in {ckpt_dir}. Lower distill.lr or raise distill.temperature, then re-run")
+                kept = (f"the last good checkpoint is kept in {ckpt_dir}" if (ckpt_dir / "checkpoint.pt").is_file()
+                        else "no checkpoint was reached yet")
+                raise UserError(f"distill loss became {total} at step {step} ({kept}); likely causes: a too high "
+                                f"distill.lr, non-finite teacher logits or fp16 overflow: lower distill.lr, then re-run")
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             sched.step()
