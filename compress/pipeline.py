@@ -54,7 +54,7 @@ def write_run_meta(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
-    from . import data, models
+    from . import data, models, prune
     from .distill import student, train
     from .evaluate import run as evaluate
     from .preflight import preflight
@@ -67,8 +67,12 @@ def run(cfg: RunConfig) -> dict:
 
     teacher = r.step("teacher", "teacher", models.run, {"teacher": cfg.teacher}, [])
     data_art = r.step("data", "data", data.run, data.config_of(cfg), [teacher], src=teacher)
-    stud = r.step("student", "student", student.run, student.config_of(cfg), [teacher, data_art],
-                  src=teacher, data=data_art)
+    if prune.has_targets(cfg):   # structured pruning derives the student instead of a layer subset
+        stud = r.step("prune", "pruned", prune.run, prune.config_of(cfg), [teacher, data_art],
+                      src=teacher, data=data_art)
+    else:
+        stud = r.step("student", "student", student.run, student.config_of(cfg), [teacher, data_art],
+                      src=teacher, data=data_art)
     distilled = r.step("distill", "distilled", train.run, train.config_of(cfg), [stud, teacher, data_art],
                        src=stud, teacher=teacher, data=data_art)
     shipped = gguf_branch(r, "", distilled, teacher, data_art)
