@@ -83,3 +83,13 @@ def test_profiles_are_found_outside_the_checkout(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "compress", "ls", "profiles"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "phone" in proc.stdout, proc.stderr
+
+
+def test_every_subpackage_is_declared_for_installation():
+    """A package missing from pyproject's list imports in a checkout but not after `pip install .`."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    declared = set(re.findall(r'"(compress[\w.]*)"', (root / "pyproject.toml").read_text()))
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "compress").rglob("__init__.py")}
+    assert found <= declared, found - declared
