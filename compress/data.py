@@ -169,7 +169,6 @@ def _llama_cpp_sampler(gguf_path: str, cfg):
     threads = max(1, min(cfg.device.threads, os.cpu_count() or 1))
     llm = Llama(model_path=gguf_path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                 verbose=False, seed=cfg.gen.seed)
-    eos = llm.token_eos()
 
     def sample(ids, max_new, seed):
         llm.set_seed(seed)
@@ -177,7 +176,6 @@ def _llama_cpp_sampler(gguf_path: str, cfg):
                                     top_p=cfg.gen.top_p, stop=["<|im_end|>", "<|endoftext|>"])
         choice = res["choices"][0]
         return choice["text"], choice["finish_reason"] == "stop"
-    del eos
     return sample
 
 
