@@ -153,7 +153,7 @@ def generate(cfg, teacher: artifacts.Artifact, tok, prompts: list[str]) -> list[
     rows = []
     with Progress(transient=True) as bar:
         task = bar.add_task("teacher writes data", total=len(prompts))
-        sampler = _llama_cpp_sampler(gguf, cfg) if gguf else _torch_sampler(teacher, cfg)
+        sampler = _llama_cpp_sampler(gguf, cfg) if gguf else _torch_sampler(teacher, tok, cfg)
         for i, p in enumerate(prompts):
             ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                           tokenize=True, return_dict=False)
@@ -179,12 +179,11 @@ def _llama_cpp_sampler(gguf_path: str, cfg):
     return sample
 
 
-def _torch_sampler(teacher: artifacts.Artifact, cfg):
+def _torch_sampler(teacher: artifacts.Artifact, tok, cfg):
     """Slow path for teachers without a GGUF: transformers generate."""
     import torch
     from .models import load_model
     model = load_model(str(teacher.path))
-    tok = load_tokenizer(str(teacher.path))
 
     def sample(ids, max_new, seed):
         torch.manual_seed(seed)
@@ -243,6 +242,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def token_stream(tok, texts: list[str], limit: int | None = None, eos: bool = True) -> list[int]:
+    """Texts tokenised and concatenated in order, EOS between documents when `eos`.
+
+    No special tokens are added: the texts are fully rendered (chat template already applied).
+    Tokenising stops once `limit` tokens are collected; the result may run past it.
+    """
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False)["input_ids"]
+        if eos and tok.eos_token_id is not None:
+            ids.append(tok.eos_token_id)
+        if limit is not None and len(ids) >= limit:
+            break
+    return ids
 
 
 def read_texts(art: artifacts.Artifact, split: str) -> list[str]:

@@ -57,6 +57,7 @@ def run(cfg: RunConfig) -> dict:
     from . import data, models, prune
     from .distill import student, train
     from .evaluate import run as evaluate
+    from .evaluate.stage import config_of as evaluate_config
     from .preflight import preflight
     from .report import print_table, write as write_report
 
@@ -79,10 +80,8 @@ def run(cfg: RunConfig) -> dict:
     # The teacher itself, quantized: the baseline every distilled artifact has to beat.
     baseline = gguf_branch(r, "teacher-", teacher, teacher, data_art) if cfg.quantize.teacher else []
 
-    from .config import resolved_threads
-    eval_cfg = {**cfg.section("eval"), "threads": resolved_threads(cfg)}
     for art in [teacher, stud, distilled, *shipped, *baseline]:
-        r.step("evaluate", f"eval-{art.name}", evaluate, eval_cfg, [art, teacher, data_art],
+        r.step("evaluate", f"eval-{art.name}", evaluate, evaluate_config(cfg), [art, teacher, data_art],
                src=art, teacher=teacher, data=data_art)
 
     paths = write_report(cfg.run_dir)
@@ -102,7 +101,7 @@ def gguf_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
                  [hf, teacher], src=hf, teacher=teacher)
     imat = None
     if cfg.quantize.gguf and cfg.quantize.imatrix:
-        imat = r.step("imatrix", f"{prefix}imatrix", imatrix.run, {"imatrix_tokens": cfg.quantize.imatrix_tokens},
+        imat = r.step("imatrix", f"{prefix}imatrix", imatrix.run, imatrix.config_of(cfg),
                       [hf, data_art], src=hf, data=data_art)
     quants = [r.step("quantize", f"{prefix}gguf-{q}", quantize_gguf.run, quantize_gguf.config_of(q, imat),
                      [f16, imat], src=f16, qtype=q, imatrix=imat)

@@ -53,7 +53,7 @@ def test_profile_from_path_with_inherits(tmp_path):
     (["noequals"], "key=value"),
 ])
 def test_bad_config_is_one_clear_error(args, needle):
-    with pytest.raises(UserError, match=None) as e:
+    with pytest.raises(UserError) as e:
         load_config(args)
     assert needle in str(e.value) and "\n" not in str(e.value)
 

@@ -66,11 +66,8 @@ def even_layers(n: int, k: int) -> list[int]:
 
 def calibration_ids(tok, texts: list[str], n_seqs: int = 8, seq_len: int = 256) -> torch.Tensor:
     """[n, seq_len] token ids from the start of the calibration texts (fewer rows if short)."""
-    ids = []
-    for t in texts:
-        ids.extend(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-        if len(ids) >= n_seqs * seq_len:
-            break
+    from ..data import token_stream
+    ids = token_stream(tok, texts, limit=n_seqs * seq_len)
     rows = len(ids) // seq_len
     if rows == 0:
         raise UserError(f"calibration data has only {len(ids)} tokens; need at least {seq_len}: give more data")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import artifacts
-from ..data import read_texts
+from ..data import read_texts, token_stream
 from ..errors import UserError
 from ..models import count_params, load_model, load_tokenizer, save_hf
 from .losses import kd_loss, scheduled, warmup_cosine
@@ -59,9 +59,7 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
 
 def pack(tok, texts: list[str], seq_len: int) -> torch.Tensor:
     """Concatenate texts (EOS between) and cut into [N, seq_len] rows; the tail is dropped."""
-    ids = []
-    for t in texts:
-        ids.extend(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    ids = token_stream(tok, texts)
     n = len(ids) // seq_len
     if n == 0:
         raise UserError(f"training data has {len(ids)} tokens, fewer than one sequence of "

@@ -11,7 +11,6 @@ reference is itself an artifact (parents teacher and data), so later evaluations
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 from .. import artifacts
 from ..config import resolved_threads
-from ..data import read_texts
+from ..data import read_texts, token_stream
 from ..errors import UserError
 
 REFERENCE = "reference"
@@ -33,15 +32,7 @@ def heldout_ids(tokenizer, texts: list[str], seqs: int, seq_len: int) -> np.ndar
 
     L is seq_len, or the whole stream when it is shorter than one sequence.
     """
-    need, stream = seqs * seq_len, []
-    eos = tokenizer.eos_token_id
-    for text in texts:   # stop tokenising once there is enough for every sequence
-        # No special tokens added: the texts are fully rendered (chat template already applied).
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            stream.append(eos)
-        if len(stream) >= need:
-            break
+    stream = token_stream(tokenizer, texts, limit=seqs * seq_len)
     length = min(seq_len, len(stream))
     if length < 2:
         raise UserError("held-out data is empty (no text to score the artifacts on); give data= "
@@ -114,6 +105,11 @@ def host() -> dict:
 
 # ---------------------------------------------------------------- the stage
 
+def config_of(cfg) -> dict:
+    """What an evaluation depends on: the eval settings and the thread count actually used."""
+    return {**cfg.section("eval"), "threads": resolved_threads(cfg)}
+
+
 def run(cfg, src, out, *, teacher, data) -> artifacts.Artifact:
     from .memory import peak_rss_mb
     from .quality import score
@@ -123,7 +119,7 @@ def run(cfg, src, out, *, teacher, data) -> artifacts.Artifact:
     runtime = check_format(src)   # fail before the (slow) reference when nothing can run src
     threads = resolved_threads(cfg)
     e = cfg.eval
-    config = {**cfg.section("eval"), "threads": threads}
+    config = config_of(cfg)
     ids, ref_lp = load_reference(reference(cfg, out.parent, teacher, data))
     n, length, vocab = ref_lp.shape
     with artifacts.writing(out, stage="evaluate", config=config, parents=[src, teacher, data],

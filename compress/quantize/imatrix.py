@@ -12,16 +12,18 @@ tensor names the export stage writes.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from .. import artifacts
+from ..data import read_texts, token_stream
 from ..errors import UserError
 
 OUT_FILE = "imatrix.npz"
 CHUNK = 256     # tokens per forward pass, like llama.cpp's imatrix chunks
+
+
+def config_of(cfg) -> dict:
+    return {"imatrix_tokens": int(cfg.quantize.imatrix_tokens)}
 
 
 def run(cfg, src, out, *, data) -> artifacts.Artifact:
@@ -31,8 +33,8 @@ def run(cfg, src, out, *, data) -> artifacts.Artifact:
         raise UserError("quantize.imatrix_tokens must be >= 1, e.g. quantize.imatrix_tokens=4096")
     model = load_model(str(src.path))
     tok = load_tokenizer(str(src.path))
-    ids = calibration_ids(tok, Path(data.path) / "train.jsonl", n_tokens)
-    with artifacts.writing(out, stage="imatrix", config={"imatrix_tokens": n_tokens},
+    ids = calibration_ids(tok, read_texts(data, "train"), n_tokens)
+    with artifacts.writing(out, stage="imatrix", config=config_of(cfg),
                            parents=[src, data], format="imatrix", file=OUT_FILE) as (tmp, meta):
         matrix = collect(model, ids)
         np.savez(tmp / OUT_FILE, **matrix)
@@ -40,19 +42,11 @@ def run(cfg, src, out, *, data) -> artifacts.Artifact:
     return artifacts.load(out)
 
 
-def calibration_ids(tok, path: Path, n_tokens: int) -> list[int]:
-    """The first n_tokens token ids of the texts in a jsonl file, texts concatenated in order."""
-    if not path.is_file():
-        raise UserError(f"calibration data {path} is missing; re-run the data stage")
-    ids: list[int] = []
-    with open(path) as f:
-        for line in f:
-            if len(ids) >= n_tokens:
-                break
-            if line.strip():
-                ids += tok(json.loads(line)["text"])["input_ids"]
+def calibration_ids(tok, texts: list[str], n_tokens: int) -> list[int]:
+    """The first n_tokens token ids of the calibration texts, concatenated in order."""
+    ids = token_stream(tok, texts, limit=n_tokens, eos=False)
     if not ids:
-        raise UserError(f"{path} has no text to calibrate the importance matrix on; give data= with some text")
+        raise UserError("the data has no text to calibrate the importance matrix on; give data= with some text")
     return ids[:n_tokens]
 
 
