@@ -99,6 +99,12 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def file_size(path: Path) -> int:
+    """A weights file's size, with the external-data file an ONNX graph keeps beside it."""
+    data = path.with_name(path.name + "_data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 @contextlib.contextmanager
 def writing(out, *, stage: str, config: dict, parents: list, format: str,
             quant: str | None = None, file: str = ".", force: bool = True):
@@ -126,7 +132,7 @@ def writing(out, *, stage: str, config: dict, parents: list, format: str,
     try:
         yield tmp, meta
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        meta["size_bytes"] = (tmp / file).stat().st_size if file != "." else dir_size(tmp)
+        meta["size_bytes"] = file_size(tmp / file) if file != "." else dir_size(tmp)
         _write_json_atomic(tmp / META, meta)
         _swap_into_place(tmp, out)
     except BaseException:

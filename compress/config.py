@@ -88,7 +88,9 @@ class Distill:
 
 @dataclass
 class Export:
-    gguf: str = "F16"               # F16 | BF16 | F32: the unquantized GGUF every quant starts from
+    gguf: str | None = "F16"        # F16 | BF16 | F32: the unquantized GGUF every quant starts from; null: none
+    onnx: str | None = None         # fp32: an ONNX decoder with KV cache (onnxruntime, browser); null: none
+    layout: str | None = None       # transformers.js: also lay the ONNX artifacts out as one browser model dir
 
 
 @dataclass
@@ -97,6 +99,9 @@ class Quantize:
     imatrix: bool = True            # importance matrix from the calibration (training) data
     imatrix_tokens: int = 4096
     teacher: bool = True            # also quantize the teacher itself: the baseline to beat
+    onnx: list = field(default_factory=list)    # int8 | int4: MatMulNBits weight-only, from the fp32 ONNX
+    onnx_block: int | None = None   # MatMulNBits block size; None: the largest of 128/64/32/16 that fits
+    bnb: list = field(default_factory=list)     # int8 | nf4: bitsandbytes HF artifacts (GPU servers)
 
 
 @dataclass
@@ -141,7 +146,7 @@ class RunConfig:
         return Path(self.out) / self.name
 
 
-STAGES = ["teacher", "data", "student", "prune", "distill", "export", "quantize", "evaluate", "report"]
+STAGES = ["teacher", "data", "student", "prune", "distill", "export", "quantize", "evaluate", "layout", "report"]
 # `student=path` is shorthand for `student.model=path`.
 SHORTHANDS = {"student": "student.model"}
 
@@ -318,6 +323,12 @@ def validate(cfg: RunConfig) -> None:
                         "and eval.seq_len >= 2")
     if cfg.quantize.imatrix and cfg.quantize.imatrix_tokens < 1:
         raise UserError("quantize.imatrix_tokens must be >= 1, e.g. 4096 (or quantize.imatrix=false)")
+    _validate_onnx_bnb(cfg)
+    if cfg.export.gguf is None:
+        if cfg.quantize.gguf:
+            raise UserError("quantize.gguf needs the unquantized GGUF it starts from; set export.gguf=F16 "
+                            "or quantize.gguf=[]")
+        return
     from .quantize.types import QUANTIZED, UNQUANTIZED, check_gguf_types   # the single table of formats
     check_gguf_types([cfg.export.gguf], "export.gguf")
     check_gguf_types(cfg.quantize.gguf, "quantize.gguf")
@@ -328,6 +339,27 @@ def validate(cfg: RunConfig) -> None:
         if str(q) not in QUANTIZED:
             raise UserError(f"quantize.gguf lists {q}, which is not a quantized type; it is made by "
                             f"export.gguf={q}: drop it from quantize.gguf")
+
+
+ONNX_PRECISIONS, ONNX_QUANTS, BNB_QUANTS, LAYOUTS = ("fp32",), ("int8", "int4"), ("int8", "nf4"), ("transformers.js",)
+
+
+def _validate_onnx_bnb(cfg: RunConfig) -> None:
+    e, q = cfg.export, cfg.quantize
+    if e.onnx is not None and str(e.onnx) not in ONNX_PRECISIONS:
+        raise UserError(f"export.onnx={e.onnx} is not supported; use export.onnx=fp32 (int8/int4 go in quantize.onnx)")
+    for key, values, valid in (("quantize.onnx", q.onnx, ONNX_QUANTS), ("quantize.bnb", q.bnb, BNB_QUANTS)):
+        for v in values:
+            if str(v) not in valid:
+                raise UserError(f"{key} lists '{v}'{closest(str(v), list(valid))}; it takes {', '.join(valid)}")
+    if q.onnx and e.onnx is None:
+        raise UserError("quantize.onnx needs the fp32 ONNX it starts from; add export.onnx=fp32")
+    if q.onnx_block is not None and q.onnx_block not in (16, 32, 64, 128, 256):
+        raise UserError(f"quantize.onnx_block={q.onnx_block} must be 16, 32, 64, 128 or 256 (or unset to pick one)")
+    if e.layout is not None and str(e.layout) not in LAYOUTS:
+        raise UserError(f"export.layout={e.layout}{closest(str(e.layout), list(LAYOUTS))}; it takes {', '.join(LAYOUTS)}")
+    if e.layout is not None and e.onnx is None:
+        raise UserError("export.layout=transformers.js lays out ONNX files; add export.onnx=fp32")
 
 
 def resolved_threads(cfg: RunConfig) -> int:

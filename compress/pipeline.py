@@ -76,9 +76,13 @@ def run(cfg: RunConfig) -> dict:
                       src=teacher, data=data_art)
     distilled = r.step("distill", "distilled", train.run, train.config_of(cfg), [stud, teacher, data_art],
                        src=stud, teacher=teacher, data=data_art)
-    shipped = gguf_branch(r, "", distilled, teacher, data_art)
+    shipped = ship(r, "", distilled, teacher, data_art)
     # The teacher itself, quantized: the baseline every distilled artifact has to beat.
-    baseline = gguf_branch(r, "teacher-", teacher, teacher, data_art) if cfg.quantize.teacher else []
+    baseline = ship(r, "teacher-", teacher, teacher, data_art) if cfg.quantize.teacher else []
+    if cfg.export.layout:   # one directory a browser app loads, from the evaluated ONNX artifacts
+        from .export import browser
+        onnx_arts = [a for a in shipped if a.meta["format"] == "onnx"]
+        r.step("layout", "browser", browser.run, browser.config_of(cfg), onnx_arts, src=onnx_arts)
 
     for art in [teacher, stud, distilled, *shipped, *baseline]:
         r.step("evaluate", f"eval-{art.name}", evaluate, evaluate_config(cfg), [art, teacher, data_art],
@@ -92,12 +96,38 @@ def run(cfg: RunConfig) -> dict:
     return report
 
 
+def ship(r: Runner, prefix: str, hf, teacher, data_art) -> list:
+    """Every deployable artifact made from one HF artifact, in the formats the config asks for."""
+    cfg = r.cfg
+    arts = gguf_branch(r, prefix, hf, teacher, data_art) if cfg.export.gguf else []
+    if cfg.export.onnx:
+        arts += onnx_branch(r, prefix, hf, teacher)
+    if cfg.quantize.bnb:
+        from .quantize import bnb
+        arts += [r.step("quantize", f"{prefix}bnb-{q}", bnb.run, {"bnb": q}, [hf], src=hf, qtype=q)
+                 for q in cfg.quantize.bnb]
+    return arts
+
+
+def onnx_branch(r: Runner, prefix: str, hf, teacher) -> list:
+    """HF artifact -> fp32 ONNX with KV cache, and one MatMulNBits artifact per type beside it."""
+    from .export import onnx as export_onnx
+    from .quantize import onnx as quantize_onnx
+    cfg = r.cfg
+    fp32 = r.step("export", f"{prefix}onnx-{cfg.export.onnx}", export_onnx.run, {"onnx": cfg.export.onnx},
+                  [hf, teacher], src=hf, teacher=teacher)
+    quants = [r.step("quantize", f"{prefix}onnx-{q}", quantize_onnx.run, quantize_onnx.config_of(cfg, q),
+                     [hf, fp32], src=hf, qtype=q, fp32=fp32)
+              for q in cfg.quantize.onnx]
+    return [fp32, *quants]
+
+
 def gguf_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
     """HF artifact -> GGUF export -> importance matrix -> one artifact per quantized type."""
     from .export import gguf as export_gguf
     from .quantize import gguf as quantize_gguf, imatrix
     cfg = r.cfg
-    f16 = r.step("export", f"{prefix}gguf-{cfg.export.gguf}", export_gguf.run, cfg.section("export"),
+    f16 = r.step("export", f"{prefix}gguf-{cfg.export.gguf}", export_gguf.run, export_gguf.config_of(cfg),
                  [hf, teacher], src=hf, teacher=teacher)
     imat = None
     if cfg.quantize.gguf and cfg.quantize.imatrix:

@@ -100,7 +100,7 @@ def test_f16_round_trip_matches_hf(exported, llama_model, ids):
     assert top1 >= 0.99
     assert f16.meta["quant"] == "F16" and f16.meta["format"] == "gguf"
     assert f16.meta["params"] == sum(p.numel() for p in llama_model.parameters())
-    assert artifacts.find_done(f16.path, "export", cfg_for().section("export"), [exported[0]])
+    assert artifacts.find_done(f16.path, "export", export_gguf.config_of(cfg_for()), [exported[0]])
 
 
 def test_round_trip_fails_without_qk_permutation(llama_model, tokenizer, ids, tmp_path, monkeypatch):

@@ -223,7 +223,7 @@ def test_write_all_files(tmp_path):
     assert json.loads(paths["json"].read_text()) == build(run)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md, page = paths["md"].read_text(), paths["html"].read_text()
-    assert "| Artifact | Format | Size MB |" in md and "gguf-Q4\\_K\\_M ★" in md and "llama-cli -m" in md
+    assert "| Artifact | Format (runtime) | Size MB |" in md and "gguf-Q4\\_K\\_M ★" in md and "llama-cli -m" in md
     assert 'src="data:image/png;base64,' in page and 'class="rec"' in page
     assert not [p for p in run.iterdir() if p.name.startswith(".")]   # no temporaries left behind
 

@@ -6,8 +6,9 @@
     tok = rt.decode_step(tok)      # append one token -> greedy next token
     rt.close()
 
-HF artifacts run in torch (fp32, CPU); GGUF artifacts run in llama.cpp (llama-cpp-python), never
-as de-quantized torch weights, so the numbers are the ones a user ships. Token ids always come
+HF artifacts run in torch (fp32, CPU; bitsandbytes artifacts on CUDA when present); GGUF artifacts
+run in llama.cpp (llama-cpp-python) and ONNX artifacts in onnxruntime, never as de-quantized torch
+weights, so the numbers are the ones a user ships. Token ids always come
 from the teacher's tokenizer: the runtimes take ids, not text. `vocab` trims the logits to the
 teacher tokenizer's length before the softmax, so a model whose embedding matrix is padded
 (Qwen2.5: 151936 rows for 151665 tokens) compares entry for entry with one that is not.
@@ -18,6 +19,7 @@ process (compress.evaluate.memory) loads only what the artifact's own runtime ne
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -35,10 +37,12 @@ def open_runtime(artifact, threads: int, *, vocab: int | None = None, n_ctx: int
     check_format(artifact)
     if artifact.meta["format"] == "hf":
         return TorchRuntime(artifact.path, threads, vocab=vocab)
+    if artifact.meta["format"] == "onnx":
+        return OnnxRuntime(artifact.file, threads, vocab=vocab, n_ctx=n_ctx)
     return LlamaCppRuntime(artifact.file, threads, vocab=vocab, n_ctx=n_ctx, all_logits=all_logits)
 
 
-RUNTIME_OF_FORMAT = {"hf": "torch", "gguf": "llama.cpp"}
+RUNTIME_OF_FORMAT = {"hf": "torch", "gguf": "llama.cpp", "onnx": "onnxruntime"}
 
 
 def check_format(artifact) -> str:
@@ -60,30 +64,39 @@ def _check_vocab(vocab: int | None, n_vocab: int, where) -> int:
 
 
 class TorchRuntime:
-    """An HF directory in torch, fp32 on CPU, with a KV cache for decoding."""
+    """An HF directory in torch with a KV cache for decoding: fp32 on CPU, or a bitsandbytes
+    artifact on CUDA when present (CPU otherwise; `device` says which)."""
     name = "torch"
 
     def __init__(self, path, threads: int, *, vocab: int | None = None):
         import torch
-        from ..models import load_model
         self._torch = torch
         self._old_threads = torch.get_num_threads()
         torch.set_num_threads(threads)   # process-wide; restored by close()
-        self.model = load_model(str(path), dtype=torch.float32)
+        self.device = "cpu"
+        if _bnb_quantized(path):
+            self.model, self.device = _load_bnb(path)
+            self.name = f"torch+bitsandbytes ({self.device})"
+        else:
+            from ..models import load_model
+            self.model = load_model(str(path), dtype=torch.float32)
         self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
         self.vocab = _check_vocab(vocab, self.n_vocab, path)
         self._past = None
 
+    def _ids(self, ids: list[int]):
+        return self._torch.tensor([ids], device=self.device)
+
     def logprobs(self, ids: list[int]) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            logits = self.model(torch.tensor([ids]), use_cache=False).logits[0, :, :self.vocab]  # [T, V]
-        return log_softmax(logits.float().numpy())
+            logits = self.model(self._ids(ids), use_cache=False).logits[0, :, :self.vocab]  # [T, V]
+        return log_softmax(logits.float().cpu().numpy())
 
     def _step(self, ids: list[int]) -> int:
         torch = self._torch
         with torch.inference_mode():
-            out = self.model(torch.tensor([ids]), past_key_values=self._past, use_cache=True,
+            out = self.model(self._ids(ids), past_key_values=self._past, use_cache=True,
                              logits_to_keep=1)   # only the last position's logits, as a server would
         self._past = out.past_key_values
         return int(out.logits[0, -1, :self.vocab].argmax())
@@ -98,6 +111,28 @@ class TorchRuntime:
     def close(self) -> None:
         self.model = self._past = None
         self._torch.set_num_threads(self._old_threads)
+
+
+def _bnb_quantized(path) -> bool:
+    import json
+    try:
+        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return q.get("quant_method") == "bitsandbytes"
+
+
+def _load_bnb(path):
+    """A bitsandbytes artifact where a server would run it: CUDA when present, else CPU."""
+    from ..quantize.bnb import device, require
+    from ..models import check_safetensors, quiet_transformers
+    from transformers import AutoModelForCausalLM
+    require()
+    quiet_transformers()
+    check_safetensors(Path(path))
+    where = device()
+    model = AutoModelForCausalLM.from_pretrained(str(path), device_map=where, use_safetensors=True)
+    return model.eval(), where
 
 
 class LlamaCppRuntime:
@@ -157,3 +192,66 @@ class LlamaCppRuntime:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+
+
+class OnnxRuntime:
+    """An ONNX decoder (compress.export.onnx layout) in onnxruntime's CPU provider.
+
+    The KV cache is the graph's own present -> past outputs, fed back each step as an app does.
+    """
+    name = "onnxruntime"
+
+    def __init__(self, path, threads: int, *, vocab: int | None = None, n_ctx: int = 512):
+        from ..export.onnx import genai_config, require
+        require("evaluating an ONNX artifact", builder=False)
+        import onnxruntime as ort
+        path = Path(path)
+        facts = genai_config(path.parent)["decoder"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3     # warnings about unused initializers are not the user's
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:   # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise UserError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0][:200]}); the file may be "
+                            f"truncated or corrupt: delete its artifact directory and re-run its stage") from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.kv_shape = (1, int(facts["num_key_value_heads"]), 0, int(facts["head_size"]))
+        self.kv_dtype = np.float16 if "float16" in self.session.get_inputs()[-1].type else np.float32
+        self.n_ctx = n_ctx
+        self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
+        self.vocab = _check_vocab(vocab, self.n_vocab, path)
+        self._past: dict | None = None
+        self._len = 0
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        """Append `ids` to the cache; logits [len(ids), V] (fp32)."""
+        if self._past is None:
+            self._past = {n: np.zeros(self.kv_shape, self.kv_dtype) for n in self.past_names}
+            self._len = 0
+        total = self._len + len(ids)
+        if total > self.n_ctx:
+            raise ValueError(f"{total} tokens exceed the context of {self.n_ctx} this runtime was opened with")
+        feed = {"input_ids": np.asarray([ids], dtype=np.int64),
+                "attention_mask": np.ones((1, total), dtype=np.int64), **self._past}
+        out = dict(zip(self.outputs, self.session.run(None, feed)))
+        self._past = {k.replace("present.", "past_key_values.", 1): v for k, v in out.items()
+                      if k.startswith("present.")}
+        self._len = total
+        return out["logits"][0].astype(np.float32)
+
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        self._past = None
+        return log_softmax(self._run(ids)[:, :self.vocab])
+
+    def prefill(self, ids: list[int]) -> int:
+        self._past = None
+        return int(np.argmax(self._run(ids)[-1, :self.vocab]))
+
+    def decode_step(self, token: int) -> int:
+        return int(np.argmax(self._run([token])[-1, :self.vocab]))
+
+    def close(self) -> None:
+        self.session = self._past = None

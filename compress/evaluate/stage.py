@@ -125,6 +125,7 @@ def run(cfg, src, out, *, teacher, data) -> artifacts.Artifact:
     with artifacts.writing(out, stage="evaluate", config=config, parents=[src, teacher, data],
                            format="eval") as (tmp, meta):
         rt = open_runtime(src, threads, vocab=vocab, n_ctx=length)
+        runtime, device = rt.name, getattr(rt, "device", "cpu")   # bitsandbytes: CUDA when present
         try:
             quality = score(ref_lp, rt.logprobs, ids)
         finally:
@@ -139,7 +140,7 @@ def run(cfg, src, out, *, teacher, data) -> artifacts.Artifact:
             rt.close()
         rss = peak_rss_mb(src, threads, e.prefill_tokens, e.decode_tokens) if e.memory else None
         meta["metrics"] = {
-            "artifact": src.name, "format": src.meta["format"], "runtime": runtime,
+            "artifact": src.name, "format": src.meta["format"], "runtime": runtime, "device": device,
             "quality": quality, "speed": speed, "memory": {"peak_rss_mb": rss},
             "eval_tokens": int(n * length), "host": host(),
         }

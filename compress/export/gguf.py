@@ -57,6 +57,11 @@ PRE_TOKENIZERS = {
 OUT_FILE = "model.gguf"
 
 
+def config_of(cfg) -> dict:
+    """The stage config recorded in meta.json (and hashed for resume): only the GGUF type."""
+    return {"gguf": cfg.export.gguf}
+
+
 def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
     """HF artifact `src` -> GGUF artifact at `out` of type cfg.export.gguf."""
     from ..models import count_params, load_model, load_tokenizer
@@ -68,7 +73,7 @@ def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
     model = load_model(str(src.path))
     tok = load_tokenizer(str(src.path))
     source_gguf = (teacher.meta.get("metrics") or {}).get("source_gguf") if teacher is not None else None
-    with artifacts.writing(out, stage="export", config=cfg.section("export"), parents=[src, teacher],
+    with artifacts.writing(out, stage="export", config=config_of(cfg), parents=[src, teacher],
                            format="gguf", quant=qtype, file=OUT_FILE) as (tmp, meta):
         writer = gguf.GGUFWriter(str(tmp / OUT_FILE), gguf.MODEL_ARCH_NAMES[spec.gguf_arch])
         _add_hparams(writer, model.config, qtype, Path(src.path).name)

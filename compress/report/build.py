@@ -139,8 +139,9 @@ def run_commands(run_name: str, name: str, meta: dict, path: Path, threads) -> d
             "modelfile": str(modelfile) if modelfile.is_file() else None,
             "ollama": f"ollama create {tag} -f {_q(modelfile)}" if modelfile.is_file() else None,
         }
-    if fmt == "onnx":
-        return {"python": f"python -c \"import onnxruntime as ort; s = ort.InferenceSession({str(main)!r})\""}
+    if fmt == "onnx":   # the directory carries genai_config.json, so ORT GenAI runs it as is
+        return {"onnxruntime_genai": f"python -c \"import onnxruntime_genai as og; m = og.Model({str(path)!r})\"",
+                "onnxruntime": f"python -c \"import onnxruntime as ort; s = ort.InferenceSession({str(main)!r})\""}
     return {"python": ("python -c \"from transformers import AutoModelForCausalLM, AutoTokenizer; "
                        f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}); "
                        f"t = AutoTokenizer.from_pretrained({str(path)!r})\"")}
@@ -166,6 +167,7 @@ def artifact_entry(run_dir: Path, run_name: str, name: str, metas: dict, ev: dic
         "params": params,
         "evaluated": bool(ev),
         "runtime": ev.get("runtime"),
+        "device": ev.get("device"),
         "quality": {k: quality.get(k) for k in ("ppl", "kld", "top1")} | {"tasks": quality.get("tasks") or {}},
         "speed": {k: speed.get(k) for k in ("threads", "prefill_tps", "decode_tps", "ttft_ms")}
                  | {"load_warning": speed.get("load_warning")},

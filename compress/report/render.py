@@ -21,7 +21,7 @@ from .plot import size_quality_png
 
 # ---------------------------------------------------------------- the one table
 
-HEADERS = ["Artifact", "Format", "Size MB", "Params", "PPL", "KLD", "Top-1", "Threads",
+HEADERS = ["Artifact", "Format (runtime)", "Size MB", "Params", "PPL", "KLD", "Top-1", "Threads",
            "Host prefill tok/s", "Host decode tok/s", "Peak RSS MB", "Est. device decode tok/s",
            "Budget", "Pareto"]
 
@@ -36,7 +36,8 @@ def row(a: dict, label: str | None = None) -> list[str]:
     name += " ★" if a.get("recommended") else ""
     return [
         name,
-        " ".join(x for x in (a.get("format"), a.get("quant")) if x),
+        " ".join(x for x in (a.get("format"), a.get("quant")) if x)
+        + (f" ({a['runtime']})" if a.get("runtime") else ""),
         fmt_num(a["size_mb"]),
         _params(a["params"]),
         fmt_num(q["ppl"]),
@@ -70,7 +71,7 @@ def _params(n) -> str:
 
 def commands(a: dict) -> list[str]:
     r = a.get("run") or {}
-    return [r[k] for k in ("llama_cpp", "ollama", "python") if r.get(k)]
+    return [r[k] for k in ("llama_cpp", "ollama", "onnxruntime_genai", "onnxruntime", "python") if r.get(k)]
 
 
 # ---------------------------------------------------------------- markdown
