@@ -79,7 +79,7 @@ def find_done(out: Path, stage: str, config: dict, parents: list) -> Artifact | 
         return None
     # A main file that changed size after it was finished (truncated copy, disk error) is redone.
     file = art.meta.get("file", ".")
-    if file != "." and (not art.file.is_file() or art.file.stat().st_size != art.meta.get("size_bytes")):
+    if file != "." and (not art.file.is_file() or file_size(art.file) != art.meta.get("size_bytes")):
         return None
     return art
 

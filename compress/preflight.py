@@ -24,6 +24,8 @@ MB = 2**20
 # the k-quant mixes (_M, _S) as llama.cpp reports them for whole models.
 BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q5_0": 5.5,
         "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_M": 3.9, "Q2_K": 3.4}
+# ONNX MatMulNBits and bitsandbytes types, scales and unquantized embeddings included (upper bounds).
+BITS_8_4 = {"int8": 13, "int4": 5, "nf4": 6}
 # Resident before any weights: Python + torch + transformers + llama.cpp imported measure ~255 MB;
 # the rest covers tokenizers, llama.cpp contexts and allocator slack.
 OVERHEAD_MB = 500
@@ -133,7 +135,8 @@ def knobs_of(cfg: RunConfig, device: str = "cpu") -> dict:
     d = cfg.distill
     return {"device": device, "tokens": d.tokens, "batch": d.batch, "grad_accum": d.grad_accum,
             "seq_len": d.seq_len, "student_layers": cfg.student.layers, "export": cfg.export.gguf,
-            "quants": list(cfg.quantize.gguf), "teacher_quants": bool(cfg.quantize.teacher),
+            "quants": list(cfg.quantize.gguf), "onnx": cfg.export.onnx, "onnx_quants": list(cfg.quantize.onnx),
+            "bnb_quants": list(cfg.quantize.bnb), "teacher_quants": bool(cfg.quantize.teacher),
             "eval_seqs": cfg.eval.seqs, "eval_seq_len": cfg.eval.seq_len}
 
 
@@ -167,8 +170,11 @@ def estimate(teacher: dict, knobs: dict, student: dict | None = None) -> dict:
     on_gpu = knobs["device"] == "cuda"
     ram = OVERHEAD_MB * MB + max(load, evaluate, 0 if on_gpu else distill)
 
-    def gguf_bytes(n):
-        return n * (BITS.get(knobs["export"], 16) + sum(BITS.get(q, 8) for q in knobs["quants"])) / 8
+    def gguf_bytes(n):   # every shipped format of one model: GGUF, ONNX (fp32 + quants), bitsandbytes
+        bits = (BITS.get(knobs["export"], 16) + sum(BITS.get(q, 8) for q in knobs["quants"])) if knobs["export"] else 0
+        bits += (32 + sum(BITS_8_4[q] for q in knobs.get("onnx_quants", []))) if knobs.get("onnx") else 0
+        bits += sum(BITS_8_4[q] for q in knobs.get("bnb_quants", []))
+        return n * bits / 8
     disk = (4 * P + 8 * S + (12 * S if train else 0) + gguf_bytes(S)
             + (gguf_bytes(P) if knobs["teacher_quants"] else 0)
             + knobs["eval_seqs"] * knobs["eval_seq_len"] * V * 2)

@@ -10,11 +10,12 @@ from compress.errors import UserError
 def test_every_shipped_profile_loads(name):
     cfg = load_config([f"profile={name}", "name=x"])
     assert cfg.profile == name and cfg.device.threads >= 1
-    assert cfg.quantize.gguf and cfg.budgets.max_size_mb
+    q = cfg.quantize
+    assert (q.gguf or q.onnx or q.bnb) and cfg.budgets.max_size_mb
 
 
 def test_required_profiles_ship():
-    assert {"phone", "laptop", "raspberry-pi"} <= set(list_profiles())
+    assert {"phone", "laptop", "raspberry-pi", "browser", "server-gpu"} <= set(list_profiles())
 
 
 def test_overrides_win_over_profile_and_lists_parse():

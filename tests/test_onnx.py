@@ -179,3 +179,62 @@ def test_onnx_eval_in_a_pipeline_run_and_report(tokenizer, tiny_data, tmp_path):
     assert arts["onnx-fp32"]["quality"]["kld"] == pytest.approx(arts["distilled"]["quality"]["kld"], abs=1e-3)
     assert arts["onnx-int4"]["memory"]["peak_rss_mb"] > 0
     assert (tmp_path / "r" / "browser" / "onnx" / "model_q4.onnx").is_file()
+    # A re-run reuses every finished artifact (graph + external weights checked against meta) ...
+    again = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    assert again.returncode == 0 and "▶" not in again.stderr, again.stderr[-2000:]
+    # ... and redoes one whose weights file was damaged after it was finished.
+    with open(tmp_path / "r" / "onnx-int4" / "model.onnx_data", "ab") as f:
+        f.write(b"\0")
+    third = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    assert third.returncode == 0 and "▶ quantize  onnx-int4" in third.stderr, third.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+@pytest.mark.parametrize("args,expect", [
+    (["export.onnx=fp16"], "use export.onnx=fp32"),
+    (["export.onnx=fp32", "quantize.onnx=[int3]"], "it takes int8, int4"),
+    (["quantize.onnx=[int8]"], "add export.onnx=fp32"),
+    (["quantize.bnb=[nf5]"], "did you mean 'nf4'"),
+    (["export.onnx=fp32", "export.layout=tfjs"], "it takes transformers.js"),
+    (["export.layout=transformers.js"], "add export.onnx=fp32"),
+    (["export.onnx=fp32", "quantize.onnx=[int4]", "quantize.onnx_block=48"], "must be 16, 32, 64, 128 or 256"),
+    (["export.gguf=null"], "set export.gguf=F16 or quantize.gguf=[]"),
+])
+def test_bad_onnx_and_bnb_keys(args, expect, capsys, tmp_path):
+    from compress.cli import main
+    assert main(["run", "name=x", f"out={tmp_path}", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], err
+    assert not any(tmp_path.iterdir())
+
+
+def test_head_size_onnxruntime_cannot_run_is_refused_before_export(tokenizer, tmp_path):
+    src = save_hf_artifact(make_tiny(tokenizer, hidden=96, heads=4, kv_heads=2), tokenizer, tmp_path / "s")
+    with pytest.raises(UserError, match="multiple of 16, and .* has 24"):
+        export_onnx.run(cfg_for(), src, tmp_path / "onnx-fp32")
+    assert not (tmp_path / "onnx-fp32").exists()
+
+
+@pytest.mark.parametrize("module,extra,stage", [
+    ("onnxruntime_genai", "compress[onnx]", "export_onnx"),
+    ("bitsandbytes", "compress[bnb]", "bnb"),
+])
+def test_missing_optional_package_names_the_install(module, extra, stage, tiny_llama, tmp_path):
+    """With the package made unimportable, the stage stops with the pip line and writes nothing."""
+    call = {"export_onnx": "export_onnx.run(load_config(['export.onnx=fp32']), src, out)",
+            "bnb": "bnb.run(load_config(['quantize.bnb=[int8]']), src, out, qtype='int8')"}[stage]
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            "from compress import artifacts\nfrom compress.config import load_config\n"
+            "from compress.errors import UserError\nfrom compress.export import onnx as export_onnx\n"
+            "from compress.quantize import bnb\n"
+            f"src = artifacts.load({str(tiny_llama.path)!r}); out = {str(tmp_path / 'out')!r}\n"
+            f"try:\n    {call}\nexcept UserError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    line = proc.stdout.strip()
+    assert f"pip install '{extra}'" in line and "\n" not in line
+    assert not (tmp_path / "out").exists()
