@@ -66,6 +66,11 @@ def test_fp32_onnx_matches_hf_on_every_position(built, ids, tokenizer):
     # The graph is the on-device one: fused attention with a KV cache, weights in <file>_data.
     assert fp32.meta["metrics"]["ops"]["GroupQueryAttention"] == 2
     assert (fp32.path / "model.onnx_data").is_file() and (fp32.path / "tokenizer.json").is_file()
+    # The KV inputs state their head size: transformers.js sizes the empty first cache from it.
+    import onnx
+    graph = onnx.load(str(fp32.file), load_external_data=False).graph
+    past = [i for i in graph.input if i.name.startswith("past_key_values.")]
+    assert len(past) == 4 and all(i.type.tensor_type.shape.dim[3].dim_value == 16 for i in past)
     assert fp32.meta["size_bytes"] > (fp32.path / "model.onnx_data").stat().st_size
 
 

@@ -97,7 +97,8 @@ def build(builder, src: Path, dst: Path, precision: str, options: list[str] = ()
             builder.create_model(*args, **builder.parse_extra_options(*args, list(options)))
     finally:
         logging.disable(logging.NOTSET)
-    resave(work / OUT_FILE, dst / OUT_FILE)
+    head_size = json.loads((work / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+    resave(work / OUT_FILE, dst / OUT_FILE, lambda model: fix_kv_dims(model, head_size))
     for name in SIDE_FILES:                  # the HF originals, not the builder's rewritten copies
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
@@ -105,17 +106,33 @@ def build(builder, src: Path, dst: Path, precision: str, options: list[str] = ()
     shutil.rmtree(work)
 
 
-def resave(src: Path, dst: Path) -> None:
-    """Copy an ONNX model with its weights in one external file named `<dst name>_data`.
+def resave(src: Path, dst: Path, edit=None) -> None:
+    """Copy an ONNX model with its weights in one external file named `<dst name>_data`
+    (after `edit(model)` when given).
 
     The location is written into the graph, so renaming a model means re-saving it.
     """
     import onnx
     model = onnx.load(str(src), load_external_data=True)
+    if edit is not None:
+        edit(model)
     data = dst.name + "_data"
     (dst.parent / data).unlink(missing_ok=True)   # save_model appends to an existing data file
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data, size_threshold=1024)
+
+
+def fix_kv_dims(model, head_size: int) -> None:
+    """State the head size in the KV-cache inputs' and outputs' shapes.
+
+    The builder leaves it symbolic ('kv_cache_dim'); runtimes that size the empty first-step cache
+    from the graph's declared shapes (transformers.js) would make it 0 wide.
+    """
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            dim = value.type.tensor_type.shape.dim[3]
+            dim.Clear()
+            dim.dim_value = head_size
 
 
 def graph_facts(path: Path) -> dict:
