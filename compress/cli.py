@@ -99,6 +99,11 @@ def list_things(rest: list[str]) -> int:
         from .quantize.types import QUANTIZED, UNQUANTIZED
         print("export.gguf:   " + " ".join(UNQUANTIZED))
         print("quantize.gguf: " + " ".join(QUANTIZED))
+        from .config import BNB_QUANTS, LAYOUTS, ONNX_PRECISIONS, ONNX_QUANTS
+        print("export.onnx:   " + " ".join(ONNX_PRECISIONS))
+        print("quantize.onnx: " + " ".join(ONNX_QUANTS))
+        print("quantize.bnb:  " + " ".join(BNB_QUANTS))
+        print("export.layout: " + " ".join(LAYOUTS))
     elif what == "keys":
         from .config import RunConfig
         for key, default in flat_defaults(RunConfig()):
