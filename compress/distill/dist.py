@@ -38,6 +38,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast(value):
+    """Rank 0's value of a picklable object on every rank."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
