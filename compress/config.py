@@ -85,10 +85,17 @@ class Distill:
     schedule: str = "linear"        # how alpha/temperature move to their *_end values: constant | linear | cosine
     beta: float = 0.5               # generalized JSD's beta (0: forward KL, 1: reverse KL)
     top_k: int = 64                 # K of the topk term when it reads the live teacher
-    chunk: int = 1024               # tokens per chunk of the memory-efficient loss
+    chunk: int = 256                # tokens per chunk of the memory-efficient loss (lm_head + loss)
+    activation_checkpointing: bool = False   # recompute the student's layer activations in backward: less memory, ~1/3 more compute
     teacher_cache: str | None = None   # "topk:K": teacher top-k computed once, memory-mapped; no resident teacher
     teachers: list | None = None    # more teachers (HF ids/dirs) averaged with teacher= over a shared vocabulary
     teacher_weights: list | None = None   # weights of teacher= then distill.teachers; None: equal
+    mode: str = "logits"            # logits | seqkd (train on verified teacher samples) | onpolicy (GKD lambda)
+    lmbda: float = 0.5              # onpolicy: share of micro-batches whose second half the student samples
+    prompts: str | None = None      # seqkd: .jsonl of prompt/question (+ answer); None: built-in prompts
+    samples: int = 4                # seqkd: teacher candidates per prompt
+    verifier: str = "format"        # seqkd: exact (final answer, e.g. gsm8k '#### 42') | format | none
+    max_words: int = 400            # seqkd: longer candidates are rejected
     checkpoint_every: int = 20      # optimizer steps between atomic checkpoints
     seed: int = 0
 

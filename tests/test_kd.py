@@ -126,3 +126,15 @@ def test_teacher_cache_is_built_once_and_trains_without_a_teacher(tmp_path, toke
     monkeypatch.setattr(teachers, "load", lambda *a, **k: pytest.fail("the teacher was loaded"))
     again = train.run(load_config(base + ["distill.lr=1e-3"]), src, run_dir / "distilled2", teacher=teacher, data=data)
     assert again.meta["metrics"]["teacher_cache"]["path"] == meta["path"]
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
+    teacher = make_tiny(tokenizer, seed=1)
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    a, b = make_tiny(tokenizer, seed=2).train(), make_tiny(tokenizer, seed=2).train()
+    b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    want = chunked(a, [teacher], [1.0], ids, {"fkl": 0.9, "ce": 0.1}, 2.0, chunk=9)
+    got = chunked(b, [teacher], [1.0], ids, {"fkl": 0.9, "ce": 0.1}, 2.0, chunk=9)
+    assert got == pytest.approx(want, rel=1e-6)
+    for n, g in grads(a).items():
+        assert torch.allclose(grads(b)[n], g, atol=1e-6, rtol=1e-5), n

@@ -41,7 +41,7 @@ def open_cache(path: Path):
 
 @torch.no_grad()
 def build(path: Path, teachers: list, weights: list[float], seqs: torch.Tensor, k: int, vocab: int,
-          device: str, micro: int, chunk: int = 1024) -> dict:
+          device: str, micro: int, chunk: int = 256) -> dict:
     """Run the teachers once over `seqs` [rows, seq_len] and store their mixture's top-k at T=1."""
     rows, seq_len = seqs.shape
     tmp = path.with_name(f".{path.name}.tmp")

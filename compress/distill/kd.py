@@ -46,7 +46,7 @@ def next_token_labels(ids):
 
 
 def chunked_loss_backward(h_s, head_s, teachers: Teachers, ids, terms: dict, T: float, vocab: int,
-                          beta: float = 0.5, top_k: int = 64, proj=None, chunk: int = 1024,
+                          beta: float = 0.5, top_k: int = 64, proj=None, chunk: int = 256,
                           scale: float = 1.0) -> tuple[float, dict]:
     """Weighted distillation loss of one micro-batch, with its gradient already backpropagated.
 

@@ -76,6 +76,16 @@ def check(d) -> None:
         if live:
             raise UserError(f"distill.loss term(s) {', '.join(live)} need the live teacher, but "
                             f"distill.teacher_cache=topk:K keeps only its top-k: use topk and ce with a cache")
+    modes, verifiers = ("logits", "seqkd", "onpolicy"), ("exact", "format", "none")
+    if d.mode not in modes:
+        raise UserError(f"distill.mode='{d.mode}'{closest(d.mode, list(modes))}; use {', '.join(modes)}")
+    if d.verifier not in verifiers:
+        raise UserError(f"distill.verifier='{d.verifier}'{closest(d.verifier, list(verifiers))}; use {', '.join(verifiers)}")
+    if d.mode == "seqkd" and (d.loss is not None or k is not None or d.teachers):
+        raise UserError("distill.mode=seqkd trains on the teacher's text with CE: leave distill.loss, "
+                        "distill.teacher_cache and distill.teachers unset")
+    if d.samples < 1 or d.max_words < 1 or not 0.0 <= d.lmbda <= 1.0:
+        raise UserError("distill.samples and distill.max_words must be >= 1 and distill.lmbda in [0, 1]")
     if not 0.0 <= d.beta <= 1.0:
         raise UserError(f"distill.beta={d.beta} must be in [0, 1] (0: forward KL, 1: reverse KL)")
     if d.chunk < 1:

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from .. import artifacts
-from ..data import read_texts, token_stream
+from ..data import read_jsonl, read_texts, token_stream, write_jsonl
 from ..errors import UserError
 from ..models import count_params, load_model, load_tokenizer, save_hf
-from . import cache, dist, kd, teachers
+from . import cache, dist, kd, seqkd, teachers
 from .losses import scheduled, warmup_cosine
 from .spec import DEFAULT_ALPHA, TERMS, parse_cache, parse_loss
 
@@ -51,7 +51,11 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
     ckpt_dir = out.parent / "checkpoints" / f"{out.name}-{artifacts.expected_hash('distill', config, [src, teacher, data])}"
     rank, world = dist.world()
     stats = {"steps": steps, "tokens": steps * d.batch * d.seq_len, "device": device, "world_size": world}
-    if steps:
+    if steps and d.mode == "seqkd":
+        texts, kept = seqkd_texts(cfg, teacher, tok, ckpt_dir, stats)
+        stats.update(train(student.to(device), [], [], pack(tok, texts, d.seq_len), d, steps, ckpt_dir, device,
+                           vocab=student.config.vocab_size))
+    elif steps:
         t_specs, weights = teachers.specs(str(teacher.path), d), teachers.weights(d)
         k = parse_cache(d.teacher_cache)
         models_t, store = [], None
@@ -79,6 +83,8 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
         with artifacts.writing(out, stage="distill", config=config, parents=[src, teacher, data],
                                format="hf", quant="fp32") as (tmp, meta):
             save_hf(student.float().cpu(), tok, tmp)
+            if steps and d.mode == "seqkd":
+                write_jsonl(tmp / "seqkd.jsonl", kept)
             meta["params"] = count_params(student)
             meta["metrics"] = stats
         shutil.rmtree(ckpt_dir, ignore_errors=True)   # the artifact now holds the result
@@ -86,6 +92,22 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
             ckpt_dir.parent.rmdir()
     dist.barrier()
     return artifacts.load(out)
+
+
+def seqkd_texts(cfg, teacher, tok, ckpt_dir: Path, stats: dict) -> tuple[list[str], list[dict]]:
+    """The verified teacher traces (sampled on rank 0 once; a resumed run reads them back)."""
+    saved = ckpt_dir / "seqkd.jsonl"
+    if dist.is_main():
+        if saved.is_file():
+            kept = read_jsonl(saved)
+            counts = {"kept": len(kept), "resumed": True}
+        else:
+            _, kept, counts = seqkd.sample_and_verify(cfg, teacher, tok)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_jsonl(saved, kept)
+    kept, counts = dist.broadcast((kept, counts) if dist.is_main() else None)
+    stats["seqkd"] = counts
+    return [seqkd.as_text(tok, r) for r in kept], kept
 
 
 def pack(tok, texts: list[str], seq_len: int) -> torch.Tensor:
@@ -117,6 +139,8 @@ def batch_rows(n_rows: int, step: int, batch: int, seed: int) -> list[int]:
 
 def terms_at(d, progress: float) -> dict[str, float]:
     """The loss terms and weights at this point of training (alpha's schedule, zero weights dropped)."""
+    if d.mode == "seqkd":
+        return {"ce": 1.0}
     if d.loss is None:
         a0 = DEFAULT_ALPHA if d.alpha is None else d.alpha
         terms = parse_loss(None, scheduled(a0, d.alpha_end, progress, d.schedule))
@@ -140,6 +164,8 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
     random.seed(d.seed)
     rank, world = dist.world()
     student.train()
+    if d.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     proj = projection(student, teacher_models, terms_at(d, 0.0))
     params = list(student.parameters()) + (list(proj.to(device).parameters()) if proj is not None else [])
     opt = torch.optim.AdamW(params, lr=d.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -169,6 +195,8 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
             for i in range(0, len(rows), max(1, micro // world)):
                 part = rows[i:i + max(1, micro // world)]
                 x = seqs[part].to(device)                                    # [b, seq_len]
+                if d.mode == "onpolicy" and on_policy_draw(d, step, i) < d.lmbda:
+                    x = student_continues(student, x, d.seed + step * 1000 + i)
                 with autocast:
                     tb = kd.Teachers(weights=weights, heads=[h for _, h in bodies_t])
                     if any(TERMS[n] in ("dist", "topk", "hidden") for n in terms) and store is None:
@@ -197,6 +225,8 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
             if (step + 1) % d.checkpoint_every == 0 and step + 1 < steps and rank == 0:
                 save_checkpoint(ckpt_dir, step + 1, student, opt, sched, history, proj)
     student.eval()
+    if d.activation_checkpointing:
+        student.gradient_checkpointing_disable()
     elapsed = time.time() - t0
     out = {"resumed_from_step": start, "final_loss": history[-1] if history else None,
            "loss_curve": history[:: max(1, len(history) // 50)],
@@ -204,6 +234,26 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
     if cuda:
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return out
+
+
+def on_policy_draw(d, step: int, i: int) -> float:
+    """A uniform draw fixed by (seed, step, micro-batch): a resumed run makes the same choices."""
+    return float(torch.rand(1, generator=torch.Generator().manual_seed(d.seed * 100_003 + step * 1009 + i)))
+
+
+@torch.no_grad()
+def student_continues(student, x, seed: int):
+    """GKD's on-policy data: keep the first half of each row [b, S] and let the student sample the
+    rest (temperature 1, no EOS stop, so the row keeps its length); the teacher then scores the
+    student's own tokens through the usual loss terms."""
+    half = x.size(1) // 2
+    torch.manual_seed(seed)
+    was_training = student.training
+    student.eval()
+    out = student.generate(x[:, :half], max_new_tokens=x.size(1) - half, min_new_tokens=x.size(1) - half,
+                           do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+    student.train(was_training)
+    return out[:, :x.size(1)]
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history, proj=None) -> None:
