@@ -67,13 +67,12 @@ def write_run_meta(cfg: RunConfig) -> None:
 
 def run(cfg: RunConfig) -> dict:
     from . import data, models, prune
-    from .distill import student, train
+    from .distill import dist, student, train
     from .evaluate import run as evaluate
     from .evaluate.stage import config_of as evaluate_config
     from .preflight import preflight
     from .report import print_table, write as write_report
 
-    from .distill import dist
     cfg.name = dist.broadcast(cfg.name)   # under torchrun every rank must use rank 0's run name
     console.quiet = not dist.is_main()
     preflight(cfg)
@@ -93,7 +92,7 @@ def run(cfg: RunConfig) -> dict:
                       src=teacher, data=data_art)
     distilled = r.step("distill", "distilled", train.run, train.config_of(cfg), [stud, teacher, data_art],
                        src=stud, teacher=teacher, data=data_art)
-    if not dist.is_main():   # data-parallel distillation is done; rank 0 exports and evaluates
+    if not dist.leave():   # data-parallel distillation is done; rank 0 exports and evaluates
         return {}
     shipped = gguf_branch(r, "", distilled, teacher, data_art)
     # The teacher itself, quantized: the baseline every distilled artifact has to beat.

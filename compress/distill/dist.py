@@ -16,10 +16,13 @@ import torch
 import torch.distributed as dist
 
 
+_left = False   # set by leave(): rank 0 goes on alone
+
+
 def world() -> tuple[int, int]:
     """(rank, world size), initialising the process group on first use under torchrun."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if size == 1 or _left:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -27,6 +30,18 @@ def world() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return dist.get_rank(), size
+
+
+def leave() -> bool:
+    """End the data-parallel part: every rank syncs and drops the process group; True on rank 0,
+    which carries on alone (export, evaluate, report), False on the others, which stop."""
+    global _left
+    rank, size = world()
+    if size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+        _left = True
+    return rank == 0
 
 
 def is_main() -> bool:

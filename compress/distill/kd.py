@@ -96,7 +96,7 @@ def chunked_loss_backward(h_s, head_s, teachers: Teachers, ids, terms: dict, T: 
         for n, w in hidden.items():
             v = getattr(losses, n)(hs, t_hidden[0].clone()).mean()     # the first teacher's; clone: out of inference mode
             loss = loss + w * v
-            parts[n] = float(v)
+            parts[n] = float(v.detach())
         (loss * scale).backward()
         total += float(loss.detach())
     if h.grad is not None:
