@@ -79,8 +79,8 @@ def load_prompts(cfg) -> list[tuple[str, str | None]]:
     return rows[:cfg.gen.prompts]
 
 
-def sample_and_verify(cfg, teacher: artifacts.Artifact, student_tok) -> tuple[list[str], list[dict], dict]:
-    """(training texts in the student's chat format, kept rows, counts) from the teacher's samples."""
+def sample_and_verify(cfg, teacher: artifacts.Artifact) -> tuple[list[dict], dict]:
+    """(kept {prompt, response} rows, counts per outcome) from the teacher's samples."""
     from rich.progress import Progress
     from ..data import _llama_cpp_sampler, _torch_sampler
     from ..models import load_tokenizer
@@ -108,7 +108,7 @@ def sample_and_verify(cfg, teacher: artifacts.Artifact, student_tok) -> tuple[li
     if not kept:
         raise UserError(f"sequence-level KD kept none of the teacher's {counts['candidates']} candidates "
                         f"({counts}); raise distill.samples or gen.max_new_tokens, or use distill.verifier=format")
-    return [as_text(student_tok, r) for r in kept], kept, counts
+    return kept, counts
 
 
 def as_text(tok, row: dict) -> str:

@@ -16,6 +16,7 @@ the last checkpoint.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -56,27 +57,7 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
         stats.update(train(student.to(device), [], [], pack(tok, texts, d.seq_len), d, steps, ckpt_dir, device,
                            vocab=student.config.vocab_size))
     elif steps:
-        t_specs, weights = teachers.specs(str(teacher.path), d), teachers.weights(d)
-        k = parse_cache(d.teacher_cache)
-        models_t, store = [], None
-        if k is not None:
-            ident = [teacher.meta.get("hash", ""), *t_specs[1:]]   # the teacher artifact, then extra teachers
-            path = out.parent / "teacher-cache" / f"topk{k}-{cache.key(ident, weights, seqs, k)}"
-            store = cache.open_cache(path)
-            if store is None:
-                if rank == 0:
-                    models_t = teachers.load(t_specs, tok, device, cfg.trust_remote_code)
-                    vocab = teachers.shared_vocab(tok, [student.config.vocab_size, *(m.config.vocab_size for m in models_t)])
-                    cache.build(path, models_t, weights, seqs, k, vocab, device, max(1, d.batch // d.grad_accum), d.chunk)
-                    del models_t[:]   # training reads the cache: no resident teacher
-                dist.barrier()
-                store = cache.open_cache(path)
-            stats["teacher_cache"] = {"path": str(path), **store[2]}
-            vocab = store[2]["vocab"]
-        else:
-            models_t = teachers.load(t_specs, tok, device, cfg.trust_remote_code)
-            vocab = teachers.shared_vocab(tok, [student.config.vocab_size, *(m.config.vocab_size for m in models_t)])
-        stats["vocab"] = vocab
+        models_t, weights, vocab, store = teacher_side(cfg, teacher, tok, student, seqs, out, device, stats)
         stats.update(train(student.to(device), models_t, weights, seqs, d, steps, ckpt_dir, device,
                            vocab=vocab, store=store))
     if rank == 0:
@@ -94,17 +75,43 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
     return artifacts.load(out)
 
 
+def teacher_side(cfg, teacher, tok, student, seqs, out: Path, device: str, stats: dict):
+    """(teacher models, mixture weights, shared vocabulary, top-k cache or None). With
+    distill.teacher_cache the teachers run once, on rank 0, to fill the cache, and are dropped."""
+    d = cfg.distill
+    t_specs, weights = teachers.specs(str(teacher.path), d), teachers.weights(d)
+    k = parse_cache(d.teacher_cache)
+    if k is None:
+        models_t = teachers.load(t_specs, tok, device, cfg.trust_remote_code)
+        vocab = teachers.shared_vocab(tok, [student.config.vocab_size, *(m.config.vocab_size for m in models_t)])
+        stats["vocab"] = vocab
+        return models_t, weights, vocab, None
+    ident = [teacher.meta.get("hash", ""), *t_specs[1:]]   # the teacher artifact, then extra teachers
+    path = out.parent / "teacher-cache" / f"topk{k}-{cache.key(ident, weights, seqs, k)}"
+    if cache.open_cache(path) is None and dist.is_main():
+        models_t = teachers.load(t_specs, tok, device, cfg.trust_remote_code)
+        vocab = teachers.shared_vocab(tok, [student.config.vocab_size, *(m.config.vocab_size for m in models_t)])
+        cache.build(path, models_t, weights, seqs, k, vocab, device, max(1, d.batch // d.grad_accum), d.chunk)
+        del models_t   # training reads the cache: no resident teacher
+    dist.barrier()
+    store = cache.open_cache(path)
+    stats["teacher_cache"] = {"path": str(path), **store[2]}
+    stats["vocab"] = store[2]["vocab"]
+    return [], weights, store[2]["vocab"], store
+
+
 def seqkd_texts(cfg, teacher, tok, ckpt_dir: Path, stats: dict) -> tuple[list[str], list[dict]]:
     """The verified teacher traces (sampled on rank 0 once; a resumed run reads them back)."""
     saved = ckpt_dir / "seqkd.jsonl"
     if dist.is_main():
         if saved.is_file():
             kept = read_jsonl(saved)
-            counts = {"kept": len(kept), "resumed": True}
+            counts = json.loads((ckpt_dir / "seqkd-counts.json").read_text())
         else:
-            _, kept, counts = seqkd.sample_and_verify(cfg, teacher, tok)
+            kept, counts = seqkd.sample_and_verify(cfg, teacher)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_jsonl(saved, kept)
+            artifacts.write_json_atomic(ckpt_dir / "seqkd-counts.json", counts)
+            write_jsonl(saved, kept)   # written last: its presence means both are complete
     kept, counts = dist.broadcast((kept, counts) if dist.is_main() else None)
     stats["seqkd"] = counts
     return [seqkd.as_text(tok, r) for r in kept], kept
