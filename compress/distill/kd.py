@@ -1,7 +1,7 @@
 """The memory-efficient distillation loss: logits are made and consumed a chunk of tokens at a time.
 
 A seeds-style loop holds teacher and student logits for the whole micro-batch, [B, S, V] fp32
-each, plus their softmaxes and gradients: with V = 151,936 that is 2.5 GB per 1k tokens per copy.
+each, plus their softmaxes and gradients: with V = 151,936 that is 0.6 GB per 1k tokens per copy.
 Here both models stop at their last hidden state ([B, S, H], H << V); the student's lm_head and
 the loss run on `chunk` tokens at a time and each chunk is backpropagated at once into the hidden
 state (whose gradient accumulates), so at most one [chunk, V] set of logits is alive. A final
