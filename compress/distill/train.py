@@ -172,7 +172,7 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
     rank, world = dist.world()
     student.train()
     if d.activation_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        activation_checkpointing(student, True)
     proj = projection(student, teacher_models, terms_at(d, 0.0))
     params = list(student.parameters()) + (list(proj.to(device).parameters()) if proj is not None else [])
     opt = torch.optim.AdamW(params, lr=d.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -233,7 +233,7 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
                 save_checkpoint(ckpt_dir, step + 1, student, opt, sched, history, proj)
     student.eval()
     if d.activation_checkpointing:
-        student.gradient_checkpointing_disable()
+        activation_checkpointing(student, False)
     elapsed = time.time() - t0
     out = {"resumed_from_step": start, "final_loss": history[-1] if history else None,
            "loss_curve": history[:: max(1, len(history) // 50)],
@@ -241,6 +241,20 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
     if cuda:
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return out
+
+
+def activation_checkpointing(model, on: bool) -> None:
+    """Recompute the decoder layers' activations in backward (transformers >= 5.x names it
+    activation_checkpointing_*, earlier releases gradient_checkpointing_*)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def on_policy_draw(d, step: int, i: int) -> float:
