@@ -77,11 +77,25 @@ class Distill:
     grad_accum: int = 1
     lr: float = 2e-4
     warmup: float = 0.1             # fraction of steps
-    alpha: float = 0.9              # weight of the KD term; (1 - alpha) goes to CE on the data
+    loss: str | None = None         # weighted terms, e.g. "fkl:0.9,ce:0.1" (distill/spec.py); None: the alpha mix
+    alpha: float | None = None      # default loss: alpha * T^2 * fkl + (1 - alpha) * CE; None means 0.9
     alpha_end: float | None = None  # schedule target; None keeps alpha constant
     temperature: float = 2.0
     temperature_end: float | None = None
-    schedule: str = "linear"        # how alpha/temperature move to their *_end values: linear | cosine
+    schedule: str = "linear"        # how alpha/temperature move to their *_end values: constant | linear | cosine
+    beta: float = 0.5               # generalized JSD's beta (0: forward KL, 1: reverse KL)
+    top_k: int = 64                 # K of the topk term when it reads the live teacher
+    chunk: int = 256                # tokens per chunk of the memory-efficient loss (lm_head + loss)
+    activation_checkpointing: bool = False   # recompute the student's layer activations in backward: less memory, ~1/3 more compute
+    teacher_cache: str | None = None   # "topk:K": teacher top-k computed once, memory-mapped; no resident teacher
+    teachers: list | None = None    # more teachers (HF ids/dirs) averaged with teacher= over a shared vocabulary
+    teacher_weights: list | None = None   # weights of teacher= then distill.teachers; None: equal
+    mode: str = "logits"            # logits | seqkd (train on verified teacher samples) | onpolicy (GKD lambda)
+    lmbda: float = 0.5              # onpolicy: share of micro-batches whose second half the student samples
+    prompts: str | None = None      # seqkd: .jsonl of prompt/question (+ answer); None: built-in prompts
+    samples: int = 4                # seqkd: teacher candidates per prompt
+    verifier: str = "format"        # seqkd: exact (final answer, e.g. gsm8k '#### 42') | format | none
+    max_words: int = 400            # seqkd: longer candidates are rejected
     checkpoint_every: int = 20      # optimizer steps between atomic checkpoints
     seed: int = 0
 
@@ -295,14 +309,17 @@ def validate(cfg: RunConfig) -> None:
     if cfg.name and (("/" in cfg.name) or ("\\" in cfg.name) or cfg.name in (".", "..") or cfg.name.startswith(".")):
         raise UserError(f"name='{cfg.name}' must be a plain directory name (no path separators, not hidden)")
     d = cfg.distill
-    if not 0.0 <= d.alpha <= 1.0 or (d.alpha_end is not None and not 0.0 <= d.alpha_end <= 1.0):
+    if (d.alpha is not None and not 0.0 <= d.alpha <= 1.0) or (d.alpha_end is not None and not 0.0 <= d.alpha_end <= 1.0):
         raise UserError("distill.alpha must be in [0, 1] (weight of the KD term)")
     if d.temperature <= 0 or (d.temperature_end is not None and d.temperature_end <= 0):
         raise UserError("distill.temperature must be > 0, e.g. distill.temperature=2")
     if not 0 < d.lr < 1:
         raise UserError(f"distill.lr={d.lr} is out of range; use a small positive value like 2e-4")
-    if d.schedule not in ("linear", "cosine"):
-        raise UserError(f"distill.schedule='{d.schedule}'{closest(d.schedule, ['linear', 'cosine'])}; use linear or cosine")
+    if d.schedule not in ("constant", "linear", "cosine"):
+        raise UserError(f"distill.schedule='{d.schedule}'{closest(d.schedule, ['constant', 'linear', 'cosine'])}; "
+                        f"use constant, linear or cosine")
+    from .distill.spec import check as check_distill   # torch-free: loss terms, cache, teachers
+    check_distill(d)
     if d.tokens < 0 or d.seq_len < 8 or d.batch < 1 or d.grad_accum < 1:
         raise UserError("distill.tokens must be >= 0, distill.seq_len >= 8, distill.batch and grad_accum >= 1")
     if cfg.student.layers is not None and cfg.student.layers < 1:

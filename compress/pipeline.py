@@ -28,12 +28,24 @@ class Runner:
         self.redone: set[str] = set()   # artifacts (re)made in this invocation
 
     def step(self, stage: str, out_name: str, fn, config: dict, parents: list, src=None, **inputs):
+        from .distill import dist
+        if dist.world()[1] > 1 and stage != "distill":   # torchrun: rank 0 makes it, the others read it
+            if dist.is_main():
+                art = self._step(stage, out_name, fn, config, parents, src, **inputs)
+            dist.barrier()
+            return art if dist.is_main() else artifacts.load(self.cfg.run_dir / out_name)
+        # distill runs on every rank: rank 0's reuse decision holds for all
+        return self._step(stage, out_name, fn, config, parents, src, agree=dist.broadcast, **inputs)
+
+    def _step(self, stage: str, out_name: str, fn, config: dict, parents: list, src=None,
+              agree=lambda reuse: reuse, **inputs):
         out = self.cfg.run_dir / out_name
         parents = [p for p in parents if p is not None]
         done = artifacts.find_done(out, stage, config, parents)
         forced = self.cfg.force or (self.cfg.stages and stage in self.cfg.stages)
         stale_parent = any(p.name in self.redone for p in parents)
-        if done and not forced and not stale_parent:
+        if agree(bool(done and not forced and not stale_parent)):
+            done = done or artifacts.load(out)
             console.print(f"[dim]✓ {stage:9s} {out_name} (done, reused)[/dim]")
             return done
         t0 = time.time()
@@ -55,15 +67,19 @@ def write_run_meta(cfg: RunConfig) -> None:
 
 def run(cfg: RunConfig) -> dict:
     from . import data, models, prune
-    from .distill import student, train
+    from .distill import dist, student, train
     from .evaluate import run as evaluate
     from .evaluate.stage import config_of as evaluate_config
     from .preflight import preflight
     from .report import print_table, write as write_report
 
+    cfg.name = dist.broadcast(cfg.name)   # under torchrun every rank must use rank 0's run name
+    console.quiet = not dist.is_main()
     preflight(cfg)
-    write_run_meta(cfg)
-    artifacts.clean_stale(cfg.run_dir)
+    if dist.is_main():
+        write_run_meta(cfg)
+        artifacts.clean_stale(cfg.run_dir)
+    dist.barrier()
     r = Runner(cfg)
 
     teacher = r.step("teacher", "teacher", models.run, {"teacher": cfg.teacher}, [])
@@ -76,6 +92,8 @@ def run(cfg: RunConfig) -> dict:
                       src=teacher, data=data_art)
     distilled = r.step("distill", "distilled", train.run, train.config_of(cfg), [stud, teacher, data_art],
                        src=stud, teacher=teacher, data=data_art)
+    if not dist.leave():   # data-parallel distillation is done; rank 0 exports and evaluates
+        return {}
     shipped = ship(r, "", distilled, teacher, data_art)
     # The teacher itself, quantized: the baseline every distilled artifact has to beat.
     baseline = ship(r, "teacher-", teacher, teacher, data_art) if cfg.quantize.teacher else []

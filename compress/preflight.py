@@ -29,8 +29,9 @@ BITS_8_4 = {"int8": 13, "int4": 5, "nf4": 6}
 # Resident before any weights: Python + torch + transformers + llama.cpp imported measure ~255 MB;
 # the rest covers tokenizers, llama.cpp contexts and allocator slack.
 OVERHEAD_MB = 500
-# fp32 [micro, seq_len, V] tensors alive at the peak of one distill step (teacher and student logits,
+# fp32 [tokens, V] tensors alive at the peak of one distill step (teacher and student logits,
 # tempered log-softmaxes, the CE copy, gradients): measured 7.9-8.1 on a tiny Llama with V=49152.
+# The loss runs over at most distill.chunk tokens at a time (distill/kd.py).
 LOGIT_COPIES = 8
 
 
@@ -134,7 +135,7 @@ def knobs_of(cfg: RunConfig, device: str = "cpu") -> dict:
     """The settings the estimate depends on, as plain values (suggestions change these)."""
     d = cfg.distill
     return {"device": device, "tokens": d.tokens, "batch": d.batch, "grad_accum": d.grad_accum,
-            "seq_len": d.seq_len, "student_layers": cfg.student.layers, "export": cfg.export.gguf,
+            "seq_len": d.seq_len, "chunk": d.chunk, "student_layers": cfg.student.layers, "export": cfg.export.gguf,
             "quants": list(cfg.quantize.gguf), "onnx": cfg.export.onnx, "onnx_quants": list(cfg.quantize.onnx),
             "bnb_quants": list(cfg.quantize.bnb), "teacher_quants": bool(cfg.quantize.teacher),
             "eval_seqs": cfg.eval.seqs, "eval_seq_len": cfg.eval.seq_len}
@@ -163,7 +164,7 @@ def estimate(teacher: dict, knobs: dict, student: dict | None = None) -> dict:
     V = teacher.get("vocab") or 32000
     train = knobs["tokens"] > 0
     micro = max(1, knobs["batch"] // knobs["grad_accum"])
-    logits = LOGIT_COPIES * micro * knobs["seq_len"] * V * 4
+    logits = LOGIT_COPIES * min(micro * knobs["seq_len"], knobs["chunk"]) * V * 4
     distill = (4 * P + 16 * S + logits) if train else 0
     load = (8 if teacher.get("gguf") else 4) * P
     evaluate = 4 * P + 3 * knobs["eval_seq_len"] * V * 4

@@ -1,6 +1,7 @@
 """Distillation losses against hand computations."""
 import math
 
+import pytest
 import torch
 
 from compress.distill.losses import cross_entropy, kd_loss, kl_teacher_student, scheduled, warmup_cosine
@@ -60,3 +61,80 @@ def test_schedules():
     lrs = [warmup_cosine(s, 100, 10) for s in range(100)]
     assert lrs[0] == 0.1 and abs(lrs[9] - 1.0) < 1e-9
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] >= 0.1
+
+
+# ---------------------------------------------------------------- the loss family, by hand
+
+from compress.distill import losses  # noqa: E402
+
+P_T, P_S = [0.5, 0.3, 0.2], [0.2, 0.5, 0.3]      # teacher and student distributions over 3 tokens
+
+
+def logp(ps):
+    return torch.tensor([[math.log(p) for p in ps]])   # [1, 3]
+
+
+def kl(a, b):
+    return sum(x * math.log(x / y) for x, y in zip(a, b))
+
+
+def test_forward_and_reverse_kl_by_hand():
+    assert abs(float(losses.forward_kl(logp(P_S), logp(P_T))) - kl(P_T, P_S)) < 1e-6
+    assert abs(float(losses.reverse_kl(logp(P_S), logp(P_T))) - kl(P_S, P_T)) < 1e-6
+
+
+def test_generalized_jsd_by_hand_and_its_limits():
+    beta = 0.3
+    m = [beta * t + (1 - beta) * s for t, s in zip(P_T, P_S)]
+    want = beta * kl(P_T, m) + (1 - beta) * kl(P_S, m)
+    assert abs(float(losses.generalized_jsd(logp(P_S), logp(P_T), beta)) - want) < 1e-6
+    assert abs(float(losses.generalized_jsd(logp(P_S), logp(P_T), 0.0)) - kl(P_T, P_S)) < 1e-6
+    assert abs(float(losses.generalized_jsd(logp(P_S), logp(P_T), 1.0)) - kl(P_S, P_T)) < 1e-6
+
+
+def test_tvd_by_hand():
+    want = 0.5 * sum(abs(t - s) for t, s in zip(P_T, P_S))
+    assert abs(float(losses.tvd(logp(P_S), logp(P_T))) - want) < 1e-6
+
+
+def test_topk_kl_folds_the_tail_into_one_bin():
+    t_idx = torch.tensor([[0, 1]])                          # teacher top-2: tokens 0 and 1
+    t_val = torch.log(torch.tensor([[0.5, 0.3]]))
+    # bins: token 0, token 1, tail {2}; teacher tail 0.2, student tail 0.3
+    want = 0.5 * math.log(0.5 / 0.2) + 0.3 * math.log(0.3 / 0.5) + 0.2 * math.log(0.2 / 0.3)
+    assert abs(float(losses.topk_kl(logp(P_S), t_idx, t_val)) - want) < 1e-6
+    full = losses.topk_kl(logp(P_S), torch.tensor([[0, 1, 2]]), logp(P_T))   # K = V: the full KL
+    assert abs(float(full) - kl(P_T, P_S)) < 1e-5
+
+
+def test_hidden_state_terms_by_hand():
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    assert abs(float(losses.hidden_mse(a, b)) - (1 + 4) / 2) < 1e-6
+    assert abs(float(losses.hidden_cos(a, b)) - 1.0) < 1e-6
+    assert float(losses.hidden_cos(a, 3 * a)) < 1e-6
+
+
+def test_mix_teachers_averages_probabilities():
+    q = [0.1, 0.1, 0.8]
+    got = losses.mix_teachers([logp(P_T), logp(q)], [3.0, 1.0]).exp()
+    want = [(3 * t + u) / 4 for t, u in zip(P_T, q)]
+    assert torch.allclose(got, torch.tensor([want]), atol=1e-6)
+
+
+def test_token_ce_ignores_minus_100():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    got = losses.token_ce(logits, torch.tensor([1, -100]))
+    assert abs(float(got[0]) + math.log(softmax([2, 0, 0])[1])) < 1e-6 and float(got[1]) == 0.0
+
+
+def test_constant_schedule_ignores_the_end_value():
+    assert scheduled(2.0, 1.0, 0.7, "constant") == 2.0
+
+
+def test_loss_spec_parsing():
+    from compress.distill.spec import parse_cache, parse_loss
+    assert parse_loss("fkl:0.9,ce:0.1") == {"fkl": 0.9, "ce": 0.1}
+    assert parse_loss("jsd") == {"jsd": 1.0}
+    assert parse_loss(None, 0.7) == {"fkl": 0.7, "ce": pytest.approx(0.3)}
+    assert parse_loss(None) == {"fkl": 0.9, "ce": pytest.approx(0.1)}
+    assert parse_cache("topk:32") == 32 and parse_cache(None) is None

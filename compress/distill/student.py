@@ -30,7 +30,11 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, data: artifacts.Artifact) ->
     if s.model:
         path, gguf_file = resolve_teacher(s.model)
         student = load_model(path, gguf_file, cfg.trust_remote_code)
-        check_same_tokenizer(tok, load_tokenizer(path, gguf_file, cfg.trust_remote_code), s.model)
+        own = load_tokenizer(path, gguf_file, cfg.trust_remote_code)
+        if cfg.distill.mode == "seqkd":   # trains on text: any tokenizer works, the student keeps its own
+            tok = own
+        else:                             # the student learns (and ships) the teacher's chat format
+            check_same_tokenizer(tok, own, s.model)
         kept, scores = None, None
     else:
         teacher = load_model(str(src.path))
@@ -113,4 +117,5 @@ def keep_layers(model, kept: list[int]):
 def check_same_tokenizer(a, b, name: str) -> None:
     if a.get_vocab() != b.get_vocab():
         raise UserError(f"student {name} does not share the teacher's tokenizer; logit distillation needs "
-                        f"the same vocabulary: pick a student from the teacher's family or derive one with student.layers=N")
+                        f"the same vocabulary: use sequence-level KD (distill.mode=seqkd), pick a student from "
+                        f"the teacher's family, or derive one with student.layers=N")

@@ -1,0 +1,59 @@
+"""The teacher side of distillation: loading one or several teachers and aligning vocabularies.
+
+    compress run teacher=Qwen/Qwen2.5-1.5B-Instruct distill.teachers=[Qwen/Qwen2.5-3B-Instruct] \
+        distill.teacher_weights=[0.5,0.5]
+
+Several teachers are averaged as distributions (losses.mix_teachers) over the shared vocabulary,
+so they must share the student's tokenizer. Models of one family often pad their embedding
+matrices differently (Qwen2.5: 151,936 rows in 0.5B-3B, 152,064 in 7B+, for 151,665 tokens);
+those padding rows are dropped, which aligns the distributions without any user setting. A real
+tokenizer mismatch stops with a line that points to sequence-level KD, which trains on text and
+so works across tokenizers.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..models import load_model, load_tokenizer, resolve_teacher
+
+
+def specs(teacher_path: str, d) -> list[str]:
+    """The teacher artifact's directory first, then distill.teachers as given."""
+    return [teacher_path, *(d.teachers or [])]
+
+
+def weights(d) -> list[float]:
+    n = 1 + len(d.teachers or [])
+    return [float(w) for w in d.teacher_weights] if d.teacher_weights else [1.0] * n
+
+
+def load(spec_list: list[str], student_tok, device: str, trust_remote_code: bool = False) -> list:
+    """Each teacher as an eval-mode model on `device` (bf16 on CUDA: inference only), after checking
+    that it shares the student's tokenizer."""
+    models = []
+    for spec in spec_list:
+        path, gguf_file = resolve_teacher(spec)
+        check_tokenizer(load_tokenizer(path, gguf_file, trust_remote_code), student_tok, spec)
+        dtype = torch.bfloat16 if device.startswith("cuda") else None
+        model = load_model(path, gguf_file, trust_remote_code, dtype=dtype).to(device)
+        model.requires_grad_(False)
+        models.append(model)
+    return models
+
+
+def check_tokenizer(teacher_tok, student_tok, name: str) -> None:
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise UserError(f"teacher {name} and the student use different tokenizers, so their logits cannot be "
+                        f"compared token by token; use sequence-level KD (distill.mode=seqkd), which trains "
+                        f"the student on the teacher's text and works across tokenizers")
+
+
+def shared_vocab(student_tok, vocab_sizes: list[int]) -> int:
+    """The number of logit rows every model has; rows past it are embedding padding and are dropped.
+    A model with fewer rows than the tokenizer has tokens cannot be aligned."""
+    v = min(vocab_sizes)
+    if v < len(student_tok):
+        raise UserError(f"a model has {v} output rows but the tokenizer has {len(student_tok)} tokens; "
+                        f"its vocabulary does not cover the tokenizer: pick models saved with their full vocabulary")
+    return v
