@@ -58,9 +58,11 @@ def run(cfg: RunConfig) -> dict:
     from .distill import student, train
     from .evaluate import run as evaluate
     from .evaluate.stage import config_of as evaluate_config
+    from .evaluate.tasks import check as check_tasks
     from .preflight import preflight
     from .report import print_table, write as write_report
 
+    check_tasks(cfg)   # a task typo or a wrong task folder fails here, before any stage runs
     preflight(cfg)
     write_run_meta(cfg)
     artifacts.clean_stale(cfg.run_dir)
