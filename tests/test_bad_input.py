@@ -145,7 +145,7 @@ CASES = [
      "eval.include_path=no/such/dir is not a directory"),
     ("task-data-missing", args("run", "eval.tasks=[arc_easy]", "eval.task_data=no/such/dir"),
      "eval.task_data=no/such/dir is not a directory"),
-    ("task-limit-zero", args("run", "eval.limit=0"), "eval.limit must be >= 1"),
+    ("task-limit-zero", args("run", "eval.limit=0"), "eval.limit and eval.ood_seqs must be >= 1"),
     ("ood-file-missing", args("run", "eval.ood=no/such.txt"), "eval.ood=no/such.txt is not a file"),
     ("section-given-a-value", args("run", "distill=5"), "is a section"),
     ("key-conflict", args("run", "distill.tokens=5", "distill.tokens.x=1"), "conflicts"),

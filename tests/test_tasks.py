@@ -133,7 +133,7 @@ def test_rolling_and_greedy_generation_by_hand(tiny_pair, tokenizer):
 
 def _cfg(tmp_path, *extra):
     return load_config(["name=t", f"out={tmp_path}", "eval.seqs=2", "eval.seq_len=32", "eval.prefill_tokens=16",
-                        "eval.decode_tokens=4", "eval.threads=1", "eval.memory=false", *extra])
+                        "eval.decode_tokens=4", "eval.threads=1", "eval.memory=false", "eval.ood_seqs=2", *extra])
 
 
 @needs_data

@@ -70,7 +70,7 @@ def ood_reference(cfg, run_dir: Path, teacher) -> artifacts.Artifact | None:
     else:
         digest = hashlib.sha256(Path(spec).expanduser().read_bytes()).hexdigest()
         load = lambda tok: load_user_data(spec, tok)   # noqa: E731
-    config = {"seqs": cfg.eval.seqs, "seq_len": cfg.eval.seq_len, "ood": spec, "sha256": digest}
+    config = {"seqs": cfg.eval.ood_seqs, "seq_len": cfg.eval.seq_len, "ood": spec, "sha256": digest}
     return _reference(cfg, Path(run_dir) / OOD_REFERENCE, config, [teacher], teacher, load)
 
 
@@ -104,7 +104,7 @@ def _reference(cfg, out: Path, config: dict, parents: list, teacher, texts_of) -
     from ..models import load_tokenizer
     from .runtimes import TorchRuntime
     tok = load_tokenizer(str(teacher.path))
-    ids = heldout_ids(tok, texts_of(tok), cfg.eval.seqs, cfg.eval.seq_len)
+    ids = heldout_ids(tok, texts_of(tok), config["seqs"], config["seq_len"])
     with artifacts.writing(out, stage=out.name, config=config, parents=parents,
                            format="logprobs") as (tmp, meta):
         np.save(tmp / "ids.npy", ids)

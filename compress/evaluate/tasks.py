@@ -36,8 +36,9 @@ PRIMARY = ("acc", "exact_match,strict-match", "exact_match", "acc_norm", "mc2", 
 BOOTSTRAP_ITERS = 1000   # stderr of non-mean metrics (perplexity); acc stderr is analytic
 SEED = 1234              # lm-eval's default seeds: few-shot sampling is reproducible
 
-_managers: dict = {}
-_loaded: dict = {}
+_managers: dict = {}   # (include dirs, with lm-eval's own tasks) -> TaskManager
+_rendered: dict = {}   # eval.task_data -> temp folder of shipped YAMLs filled in for it
+_loaded: dict = {}     # (tasks, task_data, include_path) -> ([Task], {name: unavailable reason})
 
 
 # ---------------------------------------------------------------- where tasks come from
@@ -67,9 +68,8 @@ def rendered_shipped(task_data: str) -> Path:
         raise UserError(f"eval.task_data={task_data} is not a directory; give the folder holding "
                         f"arc_easy/, boolq/, copa/, openbookqa/, lambada_openai/ (llm-foundry local_data files)")
     root = root.resolve()
-    key = ("render", str(root))
-    if key in _managers:
-        return _managers[key]
+    if str(root) in _rendered:
+        return _rendered[str(root)]
     out = Path(tempfile.mkdtemp(prefix="compress-tasks-"))
     atexit.register(shutil.rmtree, out, True)
     found = 0
@@ -82,7 +82,7 @@ def rendered_shipped(task_data: str) -> Path:
     if not found:
         raise UserError(f"eval.task_data={task_data} holds none of the files the shipped tasks read "
                         f"(e.g. arc_easy/arc_easy.jsonl); see README 'Benchmark tasks'")
-    _managers[key] = out
+    _rendered[str(root)] = out
     return out
 
 
