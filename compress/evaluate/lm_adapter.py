@@ -164,11 +164,14 @@ class RuntimeLM(TemplateLM):
     def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
         ids = (ctx + cont)[-(self.max_length + 1):]    # left-truncate like HFLM
         inp = ids[:-1]
-        first = len(inp) - len(cont)                    # the first row that predicts the continuation
+        n = min(len(cont), len(inp))                    # a continuation longer than the window is cut too
+        if n == 0:
+            return 0.0, True
+        first = len(inp) - n                            # the first row that predicts the continuation
         rt = self.runtime(len(inp))
         self.forward_calls += 1
-        rows = self.prefix.rows(rt, inp, first)          # [len(cont), V]
-        return continuation_score(rows, ids[first:], len(cont))
+        rows = self.prefix.rows(rt, inp, first)          # [n, V]
+        return continuation_score(rows, ids, n)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         # Scored in token order so the choices of one question, which share its context, follow

@@ -47,8 +47,9 @@ def robustness_table(report: dict):
         rows.append([a["name"], fmt_num(q["ppl"]), fmt_num(q["kld"]), _pct(q["top1"]),
                      fmt_num(o.get("ppl")), fmt_num(o.get("kld")), _pct(o.get("top1"))])
     src = next((a["quality"]["ood"].get("source") for a in arts if a["quality"].get("ood")), None)
-    note = (f"In-domain: the held-out split of the run's data. Out-of-domain (OOD): {src} "
-            "(builtin = source code from Python's standard library), scored the same way against the teacher.")
+    src = "source code from Python's standard library (eval.ood=builtin)" if src == "builtin" else src
+    note = (f"In-domain: the held-out split of the run's data. Out-of-domain (OOD): {src}, "
+            "scored the same way against the teacher.")
     return "Robustness: in-domain vs out-of-domain", head, rows, note
 
 
