@@ -7,7 +7,9 @@
 
 Every artifact is scored on the same token ids: the held-out texts tokenised once with the
 teacher's tokenizer and stored, with the teacher's log-probs, in `<run_dir>/reference/`. That
-reference is itself an artifact (parents teacher and data), so later evaluations reuse it.
+reference is itself an artifact (parents teacher and data), so later evaluations reuse it; the
+out-of-domain text (eval.ood) gets its own, `<run_dir>/reference-ood/`. Benchmark tasks
+(eval.tasks, compress.evaluate.tasks) run on the same runtime with the teacher's tokenizer.
 """
 from __future__ import annotations
 
