@@ -126,6 +126,13 @@ class Eval:
     prefill_tokens: int = 128
     decode_tokens: int = 32
     memory: bool = True             # peak RSS in a separate process
+    tasks: list = field(default_factory=list)   # lm-eval task names, e.g. [arc_easy, copa]
+    limit: int | None = None        # documents per task (None: all); the first N, same for every artifact
+    num_fewshot: int | None = None  # few-shot examples per prompt (None: the task's default, usually 0)
+    include_path: str | None = None # a folder of your own lm-eval task YAMLs
+    task_data: str | None = None    # a folder of local benchmark files for the shipped task YAMLs
+    ood: str | None = "builtin"     # out-of-domain text: builtin (Python stdlib source), a .txt/.jsonl, or none
+    ood_seqs: int = 8               # out-of-domain sequences of eval.seq_len tokens (a robustness check, not the headline)
 
 
 @dataclass
@@ -338,6 +345,11 @@ def validate(cfg: RunConfig) -> None:
     if e.seqs < 1 or e.seq_len < 2 or e.prefill_tokens < 1 or e.decode_tokens < 1 or (e.threads is not None and e.threads < 1):
         raise UserError("eval.seqs, eval.prefill_tokens, eval.decode_tokens and eval.threads must be >= 1 "
                         "and eval.seq_len >= 2")
+    if (e.limit is not None and e.limit < 1) or (e.num_fewshot is not None and e.num_fewshot < 0) or e.ood_seqs < 1:
+        raise UserError("eval.limit and eval.ood_seqs must be >= 1 and eval.num_fewshot >= 0")
+    if e.ood not in (None, "builtin", "none") and not Path(e.ood).expanduser().is_file():
+        raise UserError(f"eval.ood={e.ood} is not a file; give a .txt or .jsonl of out-of-domain text, "
+                        f"builtin (Python's own source code) or none")
     if cfg.quantize.imatrix and cfg.quantize.imatrix_tokens < 1:
         raise UserError("quantize.imatrix_tokens must be >= 1, e.g. 4096 (or quantize.imatrix=false)")
     _validate_onnx_bnb(cfg)

@@ -70,11 +70,13 @@ def run(cfg: RunConfig) -> dict:
     from .distill import dist, student, train
     from .evaluate import run as evaluate
     from .evaluate.stage import config_of as evaluate_config
+    from .evaluate.tasks import check as check_tasks
     from .preflight import preflight
     from .report import print_table, write as write_report
 
     cfg.name = dist.broadcast(cfg.name)   # under torchrun every rank must use rank 0's run name
     console.quiet = not dist.is_main()
+    check_tasks(cfg)   # a task typo or a wrong task folder fails here, before any stage runs
     preflight(cfg)
     if dist.is_main():
         write_run_meta(cfg)

@@ -140,6 +140,13 @@ def args(*a):
 CASES = [
     # configuration: keys, values, ranges, formats, names, profiles
     ("unknown-key", args("run", "techer=x"), "did you mean 'teacher'"),
+    ("task-typo", args("run", "eval.tasks=[arc_eassy]"), "did you mean 'arc_easy'"),
+    ("task-folder-missing", args("run", "eval.tasks=[mine]", "eval.include_path=no/such/dir"),
+     "eval.include_path=no/such/dir is not a directory"),
+    ("task-data-missing", args("run", "eval.tasks=[arc_easy]", "eval.task_data=no/such/dir"),
+     "eval.task_data=no/such/dir is not a directory"),
+    ("task-limit-zero", args("run", "eval.limit=0"), "eval.limit and eval.ood_seqs must be >= 1"),
+    ("ood-file-missing", args("run", "eval.ood=no/such.txt"), "eval.ood=no/such.txt is not a file"),
     ("section-given-a-value", args("run", "distill=5"), "is a section"),
     ("key-conflict", args("run", "distill.tokens=5", "distill.tokens.x=1"), "conflicts"),
     ("wrong-type-float", args("run", "distill.lr=fast"), "wrong type"),

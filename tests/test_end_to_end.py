@@ -6,10 +6,14 @@ import time
 
 import pytest
 
+from conftest import SHARED
+
 TINY = ["gen.prompts=8", "gen.max_new_tokens=200", "student.layers=4", "distill.tokens=1024",
         "distill.seq_len=128", "distill.batch=2", "distill.checkpoint_every=2",
         "quantize.gguf=[Q8_0,Q4_K_M]", "quantize.imatrix_tokens=512",
         "eval.seqs=2", "eval.seq_len=64", "eval.prefill_tokens=32", "eval.decode_tokens=8", "eval.threads=1"]
+# The phone profile's benchmark task over the local copy (offline); without it, no tasks.
+TINY += ([f"eval.task_data={SHARED}", "eval.limit=8"] if (SHARED / "arc_easy").is_dir() else ["eval.tasks=[]"])
 
 
 def compress(*args, cwd):
@@ -54,6 +58,14 @@ def test_run_writes_every_artifact_and_a_complete_report(phone_run):
     assert arts["teacher-gguf-Q8_0"]["quality"]["kld"] < 0.05
     assert arts["teacher-gguf-Q8_0"]["quality"]["top1"] > 0.9
     assert "recommended" in report
+    if (SHARED / "arc_easy").is_dir():   # the phone profile's task, on every artifact, in its runtime
+        for a in arts.values():
+            t = a["quality"]["tasks"]["arc_easy"]
+            assert t["n"] == 8 and t["chance"] == 0.25 and 0 <= t["value"] <= 1, a["name"]
+        assert report["tasks"]["arc_easy"]["teacher"] == arts["teacher"]["quality"]["tasks"]["arc_easy"]["value"]
+        assert abs(arts["teacher-gguf-F16"]["quality"]["tasks"]["arc_easy"]["value"]
+                   - arts["teacher"]["quality"]["tasks"]["arc_easy"]["value"]) <= arts["teacher"]["quality"]["tasks"]["arc_easy"]["stderr"]
+    assert arts["distilled"]["quality"]["ood"]["kld"] > 0 and report["compression"][0]["name"] == "teacher"
     for f in ("report.md", "report.html"):
         assert (run / f).stat().st_size > 500
     assert "report.html" in proc.stderr + proc.stdout

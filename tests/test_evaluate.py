@@ -182,7 +182,7 @@ def test_run_writes_all_metrics_and_reuses_reference(tiny_llama, tiny_data, toke
     m = ev.meta["metrics"]
     assert set(m) == {"artifact", "format", "runtime", "device", "quality", "speed", "memory", "eval_tokens", "host"}
     assert m["device"] == "cpu"
-    assert set(m["quality"]) == {"ppl", "kld", "top1", "tasks"}
+    assert set(m["quality"]) == {"ppl", "kld", "top1", "ood", "tasks"}
     assert set(m["speed"]) == {"threads", "prefill_tps", "decode_tps", "ttft_ms", "load_warning"}
     assert m["format"] == "hf" and m["runtime"] == "torch" and m["artifact"] == teacher.name
     assert m["quality"]["kld"] < 1e-4 and m["quality"]["top1"] == 1.0     # the teacher vs itself

@@ -176,7 +176,7 @@ def test_missing_eval_gives_nulls_and_still_renders(tmp_path):
     add_model(run, "gguf-Q8_0", "gguf", MB // 2, parent="teacher", quant="Q8_0")
     report = build(run)
     q8 = by_name(report)["gguf-Q8_0"]
-    assert q8["quality"] == {"ppl": None, "kld": None, "top1": None, "tasks": {}}
+    assert q8["quality"] == {"ppl": None, "kld": None, "top1": None, "ood": None, "tasks": {}}
     assert q8["speed"]["decode_tps"] is None and q8["memory"]["peak_rss_mb"] is None
     assert q8["budget"]["pass"] is None and q8["budget"]["unchecked"]
     assert q8["pareto"] is False and report["recommended"] is None

@@ -7,10 +7,13 @@
 
 Every artifact is scored on the same token ids: the held-out texts tokenised once with the
 teacher's tokenizer and stored, with the teacher's log-probs, in `<run_dir>/reference/`. That
-reference is itself an artifact (parents teacher and data), so later evaluations reuse it.
+reference is itself an artifact (parents teacher and data), so later evaluations reuse it; the
+out-of-domain text (eval.ood) gets its own, `<run_dir>/reference-ood/`. Benchmark tasks
+(eval.tasks, compress.evaluate.tasks) run on the same runtime with the teacher's tokenizer.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from pathlib import Path
@@ -19,10 +22,12 @@ import numpy as np
 
 from .. import artifacts
 from ..config import resolved_threads
-from ..data import read_texts, token_stream
+from ..data import load_user_data, read_texts, token_stream
 from ..errors import UserError
 
 REFERENCE = "reference"
+OOD_REFERENCE = "reference-ood"
+MAX_TASK_CONTEXT = 2048   # longest sequence a benchmark request is given (lm-eval left-truncates)
 
 
 # ---------------------------------------------------------------- held-out token ids
@@ -49,8 +54,50 @@ def reference(cfg, run_dir: Path, teacher, data) -> artifacts.Artifact:
     Computed in torch from the teacher HF artifact, once per (teacher, data, seqs, seq_len).
     """
     config = {"seqs": cfg.eval.seqs, "seq_len": cfg.eval.seq_len}
-    out = Path(run_dir) / REFERENCE
-    done = artifacts.find_done(out, REFERENCE, config, [teacher, data])
+    return _reference(cfg, Path(run_dir) / REFERENCE, config, [teacher, data], teacher,
+                      lambda tok: read_texts(data, "heldout"))
+
+
+def ood_reference(cfg, run_dir: Path, teacher) -> artifacts.Artifact | None:
+    """`<run_dir>/reference-ood/`: the same for the out-of-domain text (eval.ood); None when off."""
+    spec = cfg.eval.ood
+    if spec in (None, "none"):
+        return None
+    if spec == "builtin":
+        texts = builtin_ood_texts()
+        if not texts:
+            return None
+        digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+        load = lambda tok: texts   # noqa: E731
+    else:
+        digest = hashlib.sha256(Path(spec).expanduser().read_bytes()).hexdigest()
+        load = lambda tok: load_user_data(spec, tok)   # noqa: E731
+    config = {"seqs": cfg.eval.ood_seqs, "seq_len": cfg.eval.seq_len, "ood": spec, "sha256": digest}
+    return _reference(cfg, Path(run_dir) / OOD_REFERENCE, config, [teacher], teacher, load)
+
+
+# Out-of-domain default: source code, a domain far from chat answers, that every Python install
+# carries. A slice from the middle of each module (past licence headers and docstrings).
+OOD_MODULES = ("textwrap", "heapq", "fractions", "shlex", "bisect", "difflib", "calendar", "statistics")
+OOD_CHARS = 2000
+
+
+def builtin_ood_texts() -> list[str]:
+    import sysconfig
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for mod in OOD_MODULES:
+        try:
+            src = (lib / f"{mod}.py").read_text()
+        except OSError:
+            continue
+        start = src.find("\n", len(src) // 2) + 1
+        texts.append(src[start:start + OOD_CHARS])
+    return texts
+
+
+def _reference(cfg, out: Path, config: dict, parents: list, teacher, texts_of) -> artifacts.Artifact:
+    done = artifacts.find_done(out, out.name, config, parents)
     if done is not None:
         return done
     if teacher.meta.get("format") != "hf":
@@ -59,8 +106,8 @@ def reference(cfg, run_dir: Path, teacher, data) -> artifacts.Artifact:
     from ..models import load_tokenizer
     from .runtimes import TorchRuntime
     tok = load_tokenizer(str(teacher.path))
-    ids = heldout_ids(tok, read_texts(data, "heldout"), cfg.eval.seqs, cfg.eval.seq_len)
-    with artifacts.writing(out, stage=REFERENCE, config=config, parents=[teacher, data],
+    ids = heldout_ids(tok, texts_of(tok), config["seqs"], config["seq_len"])
+    with artifacts.writing(out, stage=out.name, config=config, parents=parents,
                            format="logprobs") as (tmp, meta):
         np.save(tmp / "ids.npy", ids)
         rt = TorchRuntime(teacher.path, resolved_threads(cfg), vocab=len(tok))
@@ -111,16 +158,20 @@ def config_of(cfg) -> dict:
 
 
 def run(cfg, src, out, *, teacher, data) -> artifacts.Artifact:
+    from . import tasks
     from .memory import peak_rss_mb
     from .quality import score
     from .runtimes import check_format, open_runtime
     from .speed import measure
     out = Path(out)
     runtime = check_format(src)   # fail before the (slow) reference when nothing can run src
+    if cfg.eval.tasks:
+        tasks.check(cfg)          # and before it when a task name or path is wrong
     threads = resolved_threads(cfg)
     e = cfg.eval
     config = config_of(cfg)
     ids, ref_lp = load_reference(reference(cfg, out.parent, teacher, data))
+    ood = ood_reference(cfg, out.parent, teacher)
     n, length, vocab = ref_lp.shape
     with artifacts.writing(out, stage="evaluate", config=config, parents=[src, teacher, data],
                            format="eval") as (tmp, meta):
@@ -128,9 +179,15 @@ def run(cfg, src, out, *, teacher, data) -> artifacts.Artifact:
         runtime, device = rt.name, getattr(rt, "device", "cpu")   # bitsandbytes: CUDA when present
         try:
             quality = score(ref_lp, rt.logprobs, ids)
+            if ood is not None:   # same runtime, a second text domain: robustness next to in-domain
+                ood_ids, ood_lp = load_reference(ood)
+                rt = _fit(rt, src, threads, vocab, ood_ids.shape[1], open_runtime)
+                quality["ood"] = score(ood_lp, rt.logprobs, ood_ids) | {
+                    "source": ood.meta["config"]["ood"], "tokens": int(ood_ids.size)}
         finally:
             rt.close()
-        quality["tasks"] = {}
+        quality["tasks"] = tasks.run(cfg, lambda n_ctx: open_runtime(src, threads, vocab=vocab, n_ctx=n_ctx),
+                                     _tokenizer(teacher), task_context(teacher)) if e.tasks else {}
         prompt = prompt_ids(ids, e.prefill_tokens)
         rt = open_runtime(src, threads, vocab=vocab, n_ctx=len(prompt) + e.decode_tokens + 16,
                           all_logits=False)
@@ -145,3 +202,34 @@ def run(cfg, src, out, *, teacher, data) -> artifacts.Artifact:
             "eval_tokens": int(n * length), "host": host(),
         }
     return artifacts.load(out)
+
+
+def _fit(rt, src, threads, vocab, length, open_runtime):
+    """The open runtime when `length` tokens fit its context, else one reopened that large."""
+    if getattr(rt, "n_ctx", None) is None or length <= rt.n_ctx:
+        return rt
+    rt.close()
+    return open_runtime(src, threads, vocab=vocab, n_ctx=length)
+
+
+_tokenizers: dict = {}
+
+
+def _tokenizer(teacher):
+    """The teacher's tokenizer (every artifact is scored on its token ids), loaded once per process."""
+    key = str(teacher.path)
+    if key not in _tokenizers:
+        from ..models import load_tokenizer
+        _tokenizers[key] = load_tokenizer(key)
+    return _tokenizers[key]
+
+
+def task_context(teacher) -> int:
+    """Longest benchmark sequence: the teacher's positions, at most MAX_TASK_CONTEXT."""
+    import json
+    try:
+        conf = json.loads((Path(teacher.path) / "config.json").read_text())
+        positions = int(conf.get("max_position_embeddings") or MAX_TASK_CONTEXT)
+    except (OSError, ValueError):
+        positions = MAX_TASK_CONTEXT
+    return min(positions, MAX_TASK_CONTEXT)

@@ -10,6 +10,7 @@ Device figures are estimates from the profile's device facts and are kept in the
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,6 +21,7 @@ from pathlib import Path
 from ..artifacts import META
 from ..config import Budgets, Device
 from ..errors import UserError
+from .quality import compression_rows, task_summary
 
 MODEL_FORMATS = ("hf", "gguf", "onnx")
 MB = 1e6   # decimal megabytes, so that GB/s bandwidth and MB sizes divide without 1024s
@@ -168,7 +170,8 @@ def artifact_entry(run_dir: Path, run_name: str, name: str, metas: dict, ev: dic
         "evaluated": bool(ev),
         "runtime": ev.get("runtime"),
         "device": ev.get("device"),
-        "quality": {k: quality.get(k) for k in ("ppl", "kld", "top1")} | {"tasks": quality.get("tasks") or {}},
+        "quality": {k: quality.get(k) for k in ("ppl", "kld", "top1")}
+                   | {"ood": quality.get("ood"), "tasks": copy.deepcopy(quality.get("tasks") or {})},
         "speed": {k: speed.get(k) for k in ("threads", "prefill_tps", "decode_tps", "ttft_ms")}
                  | {"load_warning": speed.get("load_warning")},
         "memory": {"peak_rss_mb": memory.get("peak_rss_mb")},
@@ -280,10 +283,13 @@ def build(run_dir) -> dict:
         "device": device,
         "budgets": budgets,
         "host": host | {"threads": threads},
-        "eval": {k: (config.get("eval") or {}).get(k) for k in ("threads", "seqs", "seq_len")},
+        "eval": {k: (config.get("eval") or {}).get(k)
+                 for k in ("threads", "seqs", "seq_len", "tasks", "limit", "num_fewshot", "ood")},
         "recommended": rec,
         "recommendation_reason": reason,
         "warnings": warnings,
+        "tasks": task_summary(arts),   # also sets each artifact's per-task retention
+        "compression": compression_rows(arts, metas),
         "artifacts": arts,
     }
 

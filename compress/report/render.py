@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .build import build, fmt_num
 from .plot import size_quality_png
+from .tables import extra_tables
 
 # ---------------------------------------------------------------- the one table
 
@@ -81,9 +82,9 @@ def md_cell(text: str) -> str:
     return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", str(text))
 
 
-def md_table(head: list[str], rows: list[list[str]]) -> str:
+def md_table(head: list[str], rows: list[list[str]], numeric=range(2, 12)) -> str:
     lines = ["| " + " | ".join(md_cell(h) for h in head) + " |",
-             "|" + "|".join("---:" if 2 <= i <= 11 else "---" for i in range(len(head))) + "|"]
+             "|" + "|".join("---:" if i in numeric else "---" for i in range(len(head))) + "|"]
     lines += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -123,6 +124,9 @@ def to_markdown(report: dict, png_name: str | None = "size_quality.png") -> str:
     out += [md_table(headers(report["device"].get("name")), [row(a) for a in arts]), "", md_cell(LEGEND), ""]
     if png_name:
         out += [f"![size vs quality]({png_name})", ""]
+    for title, head, rows, note in extra_tables(report):
+        first = 2 if "Recipe" in head else 1   # columns after the names hold numbers
+        out += [f"## {md_cell(title)}", "", md_table(head, rows, numeric=range(first, len(head))), "", md_cell(note), ""]
     fails = [a for a in arts if a["budget"]["failed"] or a["budget"]["unchecked"]]
     if fails:
         out += ["## Budget checks", ""]
@@ -170,6 +174,13 @@ def html_table(head: list[str], arts: list[dict], labels: list[str] | None = Non
             + "".join(rows) + "</tbody></table>")
 
 
+def plain_html_table(head: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    return ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f'<td class="{"num" if j else ""}">{e(c)}</td>' for j, c in enumerate(r))
+                      + "</tr>" for r in rows) + "</tbody></table>")
+
+
 def html_page(title: str, body: str) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")
@@ -188,6 +199,8 @@ def to_html(report: dict, png: bytes | None) -> str:
     body = [f"<h1>Report: {e(report['run'])}</h1>", "<ul>" + "".join(f"<li>{e(f)}</li>" for f in _facts(report)) + "</ul>",
             f"<p><b>Recommended:</b> {e(rec) if rec else 'none'} — {e(report['recommendation_reason'])}</p>",
             html_table(headers(report["device"].get("name")), arts), f'<p class="est">{e(LEGEND)}</p>', img_tag(png)]
+    for title, head, rows, note in extra_tables(report):
+        body.append(f"<h2>{e(title)}</h2>" + plain_html_table(head, rows) + f'<p class="est">{e(note)}</p>')
     fails = [a for a in arts if a["budget"]["failed"] or a["budget"]["unchecked"]]
     if fails:
         body.append("<h2>Budget checks</h2><ul>" + "".join(
@@ -264,6 +277,9 @@ def print_table(report: dict, console=None) -> None:
     arts = report["artifacts"]
     console.print(rich_table(f"{report['run']} (profile {report.get('profile') or 'default'})",
                              headers(report["device"].get("name")), [row(a) for a in arts], [row_style(a) for a in arts]))
+    for title, head, rows, _ in extra_tables(report):
+        if title != "Robustness: in-domain vs out-of-domain":   # kept to the files: the terminal stays short
+            console.print(rich_table(title, head, rows, [None] * len(rows)))
     rec = report.get("recommended")
     console.print(Text(f"Recommended: {rec or 'none'} — {report['recommendation_reason']}",
                        style="bold" if rec else "yellow"))
