@@ -37,6 +37,15 @@ def tiny_pair(tokenizer, tmp_path_factory):
     return hf, gguf_export.run(cfg, hf, run / "gguf-F16")
 
 
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_pair):
+    """The same tiny Llama exported to fp32 ONNX (onnxruntime)."""
+    from compress.export import onnx as onnx_export
+    hf = tiny_pair[0]
+    cfg = load_config(["name=t", f"out={hf.path.parent.parent}", "export.onnx=fp32"])
+    return onnx_export.run(cfg, hf, hf.path.parent / "onnx-fp32")
+
+
 def prefix_token(tok) -> int:
     """As HFLM: BOS when the tokenizer has one (SmolLM2: <|im_start|>), else EOS."""
     return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -57,9 +66,9 @@ def test_continuation_score_by_hand():
     assert ll == pytest.approx(np.log(0.6 * 0.5 * 0.6), rel=1e-6) and greedy is True
 
 
-@pytest.mark.parametrize("which", ["hf", "gguf"])
-def test_loglikelihood_equals_runtime_logprobs_by_hand(tiny_pair, tokenizer, which):
-    art = tiny_pair[0 if which == "hf" else 1]
+@pytest.mark.parametrize("which", ["hf", "gguf", "onnx"])
+def test_loglikelihood_equals_runtime_logprobs_by_hand(tiny_pair, tokenizer, which, request):
+    art = request.getfixturevalue("tiny_onnx") if which == "onnx" else tiny_pair[0 if which == "hf" else 1]
     lm = lm_for(art, tokenizer)
     pairs = [("Question: What do plants need?\nAnswer:", " sunlight"),
              ("Question: What do plants need?\nAnswer:", " water and soil"),   # shares the context: KV reuse
@@ -169,6 +178,22 @@ def test_gguf_f16_scores_within_one_stderr_of_hf_and_report_shows_tasks(tiny_pai
     # Same config again: the evaluation is reused (tasks are part of the stage's config).
     from compress.evaluate.stage import config_of
     assert artifacts.find_done(run_dir / "eval-gguf-F16", "evaluate", config_of(cfg), [f16, hf, tiny_data])
+
+
+@needs_data
+def test_onnx_fp32_scores_within_one_stderr_of_hf(tiny_pair, tiny_onnx, tiny_data):
+    """The ONNX artifact runs the benchmark in onnxruntime through the same adapter."""
+    from compress.evaluate import run
+    hf = tiny_pair[0]
+    run_dir = hf.path.parent
+    cfg = _cfg(run_dir.parent, "eval.tasks=[arc_easy]", "eval.limit=24", f"eval.task_data={SHARED}",
+               "eval.ood=none")
+    evs = {a.name: run(cfg, a, run_dir / f"eval-{a.name}-onnxcheck", teacher=hf, data=tiny_data)
+           for a in (hf, tiny_onnx)}
+    a = evs["teacher"].meta["metrics"]["quality"]["tasks"]["arc_easy"]
+    b = evs["onnx-fp32"].meta["metrics"]["quality"]["tasks"]["arc_easy"]
+    assert evs["onnx-fp32"].meta["metrics"]["runtime"] == "onnxruntime" and b["n"] == 24
+    assert abs(a["value"] - b["value"]) <= a["stderr"], (a["value"], b["value"])
 
 
 def test_unreachable_task_data_is_recorded_not_fatal(tiny_pair, tokenizer, tmp_path):
