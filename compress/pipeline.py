@@ -124,7 +124,7 @@ def ship(r: Runner, prefix: str, hf, teacher, data_art) -> list:
         arts += onnx_branch(r, prefix, hf, teacher)
     if cfg.quantize.bnb:
         from .quantize import bnb
-        arts += [r.step("quantize", f"{prefix}bnb-{q}", bnb.run, {"bnb": q}, [hf], src=hf, qtype=q)
+        arts += [r.step("quantize", f"{prefix}bnb-{q}", bnb.run, bnb.config_of(q), [hf], src=hf, qtype=q)
                  for q in cfg.quantize.bnb]
     return arts
 
@@ -134,7 +134,7 @@ def onnx_branch(r: Runner, prefix: str, hf, teacher) -> list:
     from .export import onnx as export_onnx
     from .quantize import onnx as quantize_onnx
     cfg = r.cfg
-    fp32 = r.step("export", f"{prefix}onnx-{cfg.export.onnx}", export_onnx.run, {"onnx": cfg.export.onnx},
+    fp32 = r.step("export", f"{prefix}onnx-{cfg.export.onnx}", export_onnx.run, export_onnx.config_of(cfg),
                   [hf, teacher], src=hf, teacher=teacher)
     quants = [r.step("quantize", f"{prefix}onnx-{q}", quantize_onnx.run, quantize_onnx.config_of(cfg, q),
                      [hf, fp32], src=hf, qtype=q, fp32=fp32)

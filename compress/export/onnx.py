@@ -65,6 +65,11 @@ def check_arch(path: Path) -> dict:
     return config
 
 
+def config_of(cfg) -> dict:
+    """The stage config recorded in meta.json (and hashed for resume)."""
+    return {"onnx": cfg.export.onnx}
+
+
 def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
     """HF artifact `src` -> fp32 ONNX artifact at `out`."""
     precision = str(cfg.export.onnx)
@@ -73,7 +78,7 @@ def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
                         f"(int8/int4 go in quantize.onnx)")
     builder = require()
     check_arch(src.path)
-    with artifacts.writing(out, stage="export", config={"onnx": precision}, parents=[src, teacher],
+    with artifacts.writing(out, stage="export", config=config_of(cfg), parents=[src, teacher],
                            format="onnx", quant=precision, file=OUT_FILE) as (tmp, meta):
         build(builder, Path(src.path), tmp, precision)
         meta["params"] = src.meta.get("params")
@@ -81,10 +86,11 @@ def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
     return artifacts.load(out)
 
 
-def build(builder, src: Path, dst: Path, precision: str, options: list[str] = ()) -> None:
+def build(builder, src: Path, dst: Path, precision: str, options: list[str] = (), edit=None) -> None:
     """Run the model builder into `dst`, then store the weights as `model.onnx_data`.
 
-    `options` are the builder's KEY=VALUE extra options (block_size=32, accuracy_level=0, ...).
+    `options` are the builder's KEY=VALUE extra options (block_size=32, accuracy_level=0, ...);
+    `edit(model)`, when given, changes the graph in memory before the one save.
     """
     import logging
     work = dst / ".build"
@@ -98,7 +104,12 @@ def build(builder, src: Path, dst: Path, precision: str, options: list[str] = ()
     finally:
         logging.disable(logging.NOTSET)
     head_size = json.loads((work / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
-    resave(work / OUT_FILE, dst / OUT_FILE, lambda model: fix_kv_dims(model, head_size))
+
+    def edits(model):
+        fix_kv_dims(model, head_size)
+        if edit is not None:
+            edit(model)
+    resave(work / OUT_FILE, dst / OUT_FILE, edits)
     for name in SIDE_FILES:                  # the HF originals, not the builder's rewritten copies
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

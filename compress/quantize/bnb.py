@@ -49,6 +49,11 @@ def quant_config(qtype: str):
                               bnb_4bit_compute_dtype=compute)
 
 
+def config_of(qtype: str) -> dict:
+    """The stage config recorded in meta.json (and hashed for resume)."""
+    return {"bnb": qtype}
+
+
 def run(cfg, src, out, *, qtype: str) -> artifacts.Artifact:
     """HF artifact `src` -> bitsandbytes `qtype` HF artifact at `out`."""
     if qtype not in TYPES:
@@ -63,7 +68,7 @@ def run(cfg, src, out, *, qtype: str) -> artifacts.Artifact:
     model = AutoModelForCausalLM.from_pretrained(str(src.path), quantization_config=quant_config(qtype),
                                                  device_map=where, use_safetensors=True)
     tok = load_tokenizer(str(src.path))
-    with artifacts.writing(out, stage="quantize", config={"bnb": qtype}, parents=[src],
+    with artifacts.writing(out, stage="quantize", config=config_of(qtype), parents=[src],
                            format="hf", quant=f"bnb-{qtype}") as (tmp, meta):
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

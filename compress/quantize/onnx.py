@@ -57,9 +57,8 @@ def run(cfg, src, out, *, qtype: str, fp32=None) -> artifacts.Artifact:
                         f"leave quantize.onnx_block unset to pick one that does")
     with artifacts.writing(out, stage="quantize", config=config_of(cfg, qtype), parents=[src, fp32],
                            format="onnx", quant=qtype, file=OUT_FILE) as (tmp, meta):
-        build(builder, Path(src.path), tmp, qtype, [f"block_size={block}", *OPTIONS[qtype]])
-        if qtype == "int8":
-            half_embedding(tmp / OUT_FILE)
+        build(builder, Path(src.path), tmp, qtype, [f"block_size={block}", *OPTIONS[qtype]],
+              edit=half_embedding if qtype == "int8" else None)
         facts = graph_facts(tmp / OUT_FILE)
         meta["params"] = src.meta.get("params")
         meta["metrics"] = {**facts, "bits": TYPES[qtype], "block": block,
@@ -83,8 +82,8 @@ def pick_block(widths: set[int], largest: int = 128) -> int:
                     f"prune or pick widths that are multiples of 16")
 
 
-def half_embedding(path: Path) -> None:
-    """Store the token-embedding table in fp16 and cast the looked-up rows back to fp32.
+def half_embedding(model) -> None:
+    """Store the token-embedding table in fp16 and cast the looked-up rows back to fp32 (in place).
 
     At INT8 the builder keeps an fp32 copy of a tied embedding for the lookup (its quantized lookup
     is 4-bit only); for SmolLM2 that copy is half the file. fp16 rows change the model by less than
@@ -93,7 +92,6 @@ def half_embedding(path: Path) -> None:
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
-    model = onnx.load(str(path), load_external_data=True)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     for i, node in enumerate(graph.node):
@@ -101,15 +99,9 @@ def half_embedding(path: Path) -> None:
             table = inits[node.input[0]]
             if table.data_type != onnx.TensorProto.FLOAT:
                 return
-            half = numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), table.name)
-            table.CopyFrom(half)
+            table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), table.name))
             rows = node.output[0]
             node.output[0] = rows + "/fp16"
             graph.node.insert(i + 1, helper.make_node("Cast", [rows + "/fp16"], [rows], name=node.name + "/Cast",
                                                       to=onnx.TensorProto.FLOAT))
-            break
-    else:
-        return
-    (path.parent / (path.name + "_data")).unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + "_data", size_threshold=1024)
+            return
