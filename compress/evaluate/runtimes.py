@@ -217,9 +217,10 @@ class OnnxRuntime:
             raise UserError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0][:200]}); the file may be "
                             f"truncated or corrupt: delete its artifact directory and re-run its stage") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.past_names = [i.name for i in past]
         self.kv_shape = (1, int(facts["num_key_value_heads"]), 0, int(facts["head_size"]))
-        self.kv_dtype = np.float16 if "float16" in self.session.get_inputs()[-1].type else np.float32
+        self.kv_dtype = np.float16 if past and "float16" in past[0].type else np.float32
         self.n_ctx = n_ctx
         self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
         self.vocab = _check_vocab(vocab, self.n_vocab, path)
