@@ -97,6 +97,7 @@ class Distill:
     verifier: str = "format"        # seqkd: exact (final answer, e.g. gsm8k '#### 42') | format | none
     max_words: int = 400            # seqkd: longer candidates are rejected
     checkpoint_every: int = 20      # optimizer steps between atomic checkpoints
+    parallel: str = "ddp"           # under torchrun: ddp (every rank holds the student) | fsdp (layers sharded across ranks)
     seed: int = 0
 
 

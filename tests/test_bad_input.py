@@ -177,6 +177,8 @@ CASES = [
     ("verifier-typo", args("run", "distill.verifier=exakt"), "did you mean 'exact'"),
     ("seqkd-with-loss", args("run", "distill.mode=seqkd", "distill.loss=fkl:1"), "leave distill.loss"),
     ("lmbda-above-1", args("run", "distill.lmbda=1.5"), "distill.lmbda in [0, 1]"),
+    ("parallel-typo", args("run", "distill.parallel=fsd"), "did you mean 'fsdp'"),
+    ("fsdp-onpolicy", args("run", "distill.parallel=fsdp", "distill.mode=onpolicy"), "use distill.parallel=ddp"),
     ("teacher-weights-length", args("run", "distill.teachers=[a/b]", "distill.teacher_weights=[1]"), "must list 2"),
     ("select-typo", args("run", "student.select=importanc"), "did you mean 'importance'"),
     ("student-layers-zero", args("run", "student.layers=0"), "student.layers must be at least 1"),

@@ -181,7 +181,7 @@ def test_memory_stays_flat_over_many_training_steps(tmp_path):
         t = threading.Thread(target=sample)
         t.start()
         try:
-            stats = train(student, [teacher], [1.0], seqs, d, steps, tmp_path / f"ckpt-{steps}", "cpu", vocab=1024)
+            stats, _ = train(student, [teacher], [1.0], seqs, d, steps, tmp_path / f"ckpt-{steps}", "cpu", vocab=1024)
         finally:
             stop.set()
             t.join()

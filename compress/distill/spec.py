@@ -84,6 +84,10 @@ def check(d) -> None:
     if d.mode == "seqkd" and (d.loss is not None or k is not None or d.teachers):
         raise UserError("distill.mode=seqkd trains on the teacher's text with CE: leave distill.loss, "
                         "distill.teacher_cache and distill.teachers unset")
+    if d.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"distill.parallel='{d.parallel}'{closest(d.parallel, ['ddp', 'fsdp'])}; use ddp or fsdp")
+    if d.parallel == "fsdp" and d.mode == "onpolicy":
+        raise UserError("distill.mode=onpolicy samples from the whole student on each rank: use distill.parallel=ddp")
     if d.samples < 1 or d.max_words < 1 or not 0.0 <= d.lmbda <= 1.0:
         raise UserError("distill.samples and distill.max_words must be >= 1 and distill.lmbda in [0, 1]")
     if not 0.0 <= d.beta <= 1.0:

@@ -3,7 +3,8 @@
     compress run profile=phone distill.tokens=50000 distill.alpha=0.9 distill.temperature=2
     compress run profile=phone distill.loss=jsd:0.9,ce:0.1 distill.beta=0.5
     compress run profile=phone distill.teacher_cache=topk:32 distill.loss=topk:0.9,ce:0.1
-    torchrun --nproc_per_node=2 -m compress run profile=phone      # data-parallel
+    torchrun --nproc_per_node=2 -m compress run profile=phone      # data-parallel (DDP)
+    torchrun --nproc_per_node=2 -m compress run profile=phone distill.parallel=fsdp   # sharded student
 
 Loss: the weighted terms of `distill.loss` (spec.py; default alpha * T^2 * KL(teacher_T ||
 student_T) + (1 - alpha) * CE), computed chunk by chunk over tokens (kd.py) so full-vocabulary
@@ -51,15 +52,22 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
     config = config_of(cfg)
     ckpt_dir = out.parent / "checkpoints" / f"{out.name}-{artifacts.expected_hash('distill', config, [src, teacher, data])}"
     rank, world = dist.world()
-    stats = {"steps": steps, "tokens": steps * d.batch * d.seq_len, "device": device, "world_size": world}
+    full = None
+    stats = {"steps": steps, "tokens": steps * d.batch * d.seq_len, "device": device, "world_size": world,
+             "parallel": d.parallel if world > 1 else None}
     if steps and d.mode == "seqkd":
         texts, kept = seqkd_texts(cfg, teacher, tok, ckpt_dir, stats)
-        stats.update(train(student.to(device), [], [], pack(tok, texts, d.seq_len), d, steps, ckpt_dir, device,
-                           vocab=student.config.vocab_size))
+        res, full = train(student.to(device), [], [], pack(tok, texts, d.seq_len), d, steps, ckpt_dir, device,
+                          vocab=student.config.vocab_size)
     elif steps:
         models_t, weights, vocab, store = teacher_side(cfg, teacher, tok, student, seqs, out, device, stats)
-        stats.update(train(student.to(device), models_t, weights, seqs, d, steps, ckpt_dir, device,
-                           vocab=vocab, store=store))
+        res, full = train(student.to(device), models_t, weights, seqs, d, steps, ckpt_dir, device,
+                          vocab=vocab, store=store)
+    if steps:
+        stats.update(res)
+    if full is not None and rank == 0:   # FSDP left the student sharded: rebuild it whole from the gathered state
+        student = load_model(str(src.path))
+        student.load_state_dict(dist.student_state(full))
     if rank == 0:
         with artifacts.writing(out, stage="distill", config=config, parents=[src, teacher, data],
                                format="hf", quant="fp32") as (tmp, meta):
@@ -165,7 +173,9 @@ def projection(student, teacher_models, terms: dict):
 
 
 def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, steps: int, ckpt_dir: Path,
-          device: str, vocab: int, store=None) -> dict:
+          device: str, vocab: int, store=None) -> tuple[dict, dict | None]:
+    """(stats, None), or under FSDP (stats, the whole root state dict on rank 0) since the student
+    itself is left sharded."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     torch.manual_seed(d.seed)
     random.seed(d.seed)
@@ -174,15 +184,26 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
     if d.activation_checkpointing:
         activation_checkpointing(student, True)
     proj = projection(student, teacher_models, terms_at(d, 0.0))
-    params = list(student.parameters()) + (list(proj.to(device).parameters()) if proj is not None else [])
+    if proj is not None:
+        proj.to(device)
+    body_s, head_s = kd.body_and_head(student)
+    root = None
+    if d.parallel == "fsdp" and world > 1:
+        if d.batch % world:
+            raise UserError(f"distill.parallel=fsdp needs distill.batch ({d.batch}) divisible by the {world} "
+                            f"processes, so every rank runs the same micro-batches; use distill.batch={world * max(1, d.batch // world)}")
+        body_s = root = dist.shard(student, proj)
+    params = list(root.parameters()) if root is not None else \
+        list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
     opt = torch.optim.AdamW(params, lr=d.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = int(d.warmup * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warm))
-    start, history = load_checkpoint(ckpt_dir, student, opt, sched, proj)
+    start, history = load_checkpoint(ckpt_dir, student, opt, sched, proj, root)
     micro = max(1, d.batch // d.grad_accum)
+    # DDP sums the ranks' gradients; FSDP averages them, so each rank's share is scaled up by world
+    share = world if root is not None else 1
     cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    body_s, head_s = kd.body_and_head(student)
     bodies_t = [kd.body_and_head(m) for m in teacher_models]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -213,9 +234,10 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
                         tb.cached = tuple(c.to(device) for c in cache.rows_of(store, part))
                     h_s = body_s(input_ids=x).last_hidden_state              # [b, S, H_s]
                     loss, _ = kd.chunked_loss_backward(h_s, head_s, tb, x, terms, T, vocab, d.beta, d.top_k,
-                                                       proj, d.chunk, scale=len(part) / d.batch)
+                                                       proj, d.chunk, scale=share * len(part) / d.batch)
                 total += loss * len(part) / d.batch
-            dist.all_reduce_grads(params)
+            if root is None:
+                dist.all_reduce_grads(params)
             total = dist.sum_scalar(total)
             if not math.isfinite(total):
                 kept = (f"the last good checkpoint is kept in {ckpt_dir}" if (ckpt_dir / "checkpoint.pt").is_file()
@@ -229,8 +251,8 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
             history.append(round(total, 4))
             tps = tokens_done / max(1e-9, time.time() - t0)
             bar.update(task, advance=1, loss=total, tps=tps)
-            if (step + 1) % d.checkpoint_every == 0 and step + 1 < steps and rank == 0:
-                save_checkpoint(ckpt_dir, step + 1, student, opt, sched, history, proj)
+            if (step + 1) % d.checkpoint_every == 0 and step + 1 < steps:
+                save_checkpoint(ckpt_dir, step + 1, student, opt, sched, history, proj, root)
     student.eval()
     if d.activation_checkpointing:
         activation_checkpointing(student, False)
@@ -240,7 +262,9 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
            "train_tokens_per_s": round(tokens_done / elapsed, 1) if elapsed > 0 and tokens_done else None}
     if cuda:
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    return out
+    if root is not None:   # how much of the trained state one rank holds
+        out["params_on_rank0"] = sum(p.to_local().numel() for p in params)
+    return out, (dist.full_state(root)[0] if root is not None else None)
 
 
 def activation_checkpointing(model, on: bool) -> None:
@@ -277,18 +301,25 @@ def student_continues(student, x, seed: int):
     return out[:, :x.size(1)]
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history, proj=None) -> None:
-    """Everything needed to continue exactly: weights, optimizer, scheduler, RNG, data position."""
+def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history, proj=None, root=None) -> None:
+    """Everything needed to continue exactly: weights, optimizer, scheduler, RNG, data position.
+    Every rank calls it (under FSDP the state is gathered from all of them); rank 0 writes."""
+    if root is not None:
+        model_sd, opt_sd = dist.full_state(root, opt)
+    else:
+        model_sd, opt_sd = model.state_dict(), opt.state_dict()
+    if not dist.is_main():
+        return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+    state = {"step": step, "sharded": root is not None, "model": model_sd, "optimizer": opt_sd,
              "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-             "history": history, "proj": proj.state_dict() if proj is not None else None}
+             "history": history, "proj": proj.state_dict() if proj is not None and root is None else None}
     tmp = ckpt_dir / "checkpoint.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, ckpt_dir / "checkpoint.pt")   # atomic: a kill leaves the previous one intact
 
 
-def load_checkpoint(ckpt_dir: Path, model, opt, sched, proj=None) -> tuple[int, list]:
+def load_checkpoint(ckpt_dir: Path, model, opt, sched, proj=None, root=None) -> tuple[int, list]:
     path = ckpt_dir / "checkpoint.pt"
     if not path.is_file():
         return 0, []
@@ -296,10 +327,16 @@ def load_checkpoint(ckpt_dir: Path, model, opt, sched, proj=None) -> tuple[int, 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt files
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart distillation") from None
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    if bool(state.get("sharded")) != (root is not None):
+        raise UserError(f"checkpoint {path} was written by a {'FSDP' if state.get('sharded') else 'one-process or DDP'} "
+                        f"run: resume it the same way, or delete it to restart distillation")
+    if root is not None:   # every rank read the whole state; each keeps its shard
+        dist.load_full_state(root, opt, state["model"], state["optimizer"])
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    if proj is not None and state.get("proj"):
+    if proj is not None and root is None and state.get("proj"):
         proj.load_state_dict(state["proj"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"]), list(state["history"])
