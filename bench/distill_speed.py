@@ -1,17 +1,32 @@
-"""Distillation throughput and peak memory: compress's chunked loop vs a naive seeds-style loop.
+"""Distillation throughput and peak memory: compress's chunked loop vs a naive seeds-style loop and TRL GKD.
 
     python bench/distill_speed.py                          # CPU: phone and 152k-vocab shapes
     python bench/distill_speed.py --shapes=smollm2-360m,qwen-1.5b --steps=10   # CUDA: the issue's H100 shapes
 
-Both loops do the same work per step on the same models and tokens: teacher forward (inference
-mode), student forward and backward, forward KL at T=2 weighted 0.9 plus 0.1 CE, AdamW step. The
-naive loop materialises teacher and student logits [B, S, V] in full and computes the loss in fp32
-on them (losses.kd_loss); compress stops both models at the last hidden state and runs lm_head +
-loss chunk by chunk (distill/kd.py). Each (shape, loop) runs in its own process so its peak memory
+The naive and chunked loops do the same work per step on the same models and tokens: teacher
+forward (inference mode), student forward and backward, T^2 * forward KL at T=2 weighted 0.9
+plus 0.1 CE, AdamW step. The naive loop materialises teacher and student logits [B, S, V] in
+full and computes the loss in fp32 on them (losses.kd_loss); compress stops both models at the
+last hidden state and runs lm_head + loss chunk by chunk (distill/kd.py). Each (shape, loop) runs in its own process so its peak memory
 is its own: CPU peak RSS while training and its rise over the RSS before the first step (the
 training working set: AdamW state, activations, logits); CUDA
 max_memory_allocated. MFU (CUDA only) counts 6 * student params + 2 * teacher params FLOPs per
 token against the GPU's dense bf16 peak (`--peak-tflops`, H100 SXM: 989).
+
+The third loop, `trl`, is TRL's GKD trainer (`trl.experimental.gkd.GKDTrainer`, trl 1.16.0) with
+beta=0, lmbda=0 (off-policy: every step trains on the dataset's tokens, never on student samples)
+on the same models, B and S: a dataset of random token ids of length S, labels = input ids,
+AdamW at lr 1e-4, fp32 on CPU / bf16 autocast on CUDA, no gradient checkpointing, no gradient
+clipping (the other loops clip nothing either), no eval, logging or saving. Each Trainer step runs
+the teacher forward (no_grad), the student forward with full logits [B, S, V] and backward, and
+the optimizer step; tokens/s is timed from the end of the warm-up step to the end of the last one
+(Trainer overhead included). The loss is not the same as the other loops': TRL's
+`generalized_jsd_loss` at beta=0 is KL(teacher || student) summed over the vocabulary and
+averaged over the B x (S - 1) shifted positions, with no CE term (the other loops add 0.1 CE and
+weight the KL 0.9), no T^2 factor, and at T = 1: GKDConfig(temperature=2) is set, but trl 1.16.0's
+`compute_loss` does not pass it to the loss, it only sets the sampling temperature, which
+lmbda=0 never uses. The forward/backward work is the same shape; the divergence differs.
+Requires trl (`pip install -c constraints.txt -e ".[bench]"`); without it the loop is skipped.
 """
 from __future__ import annotations
 
@@ -75,6 +90,8 @@ def build(shape: str, device: str):
 def worker(shape: str, loop: str, steps: int, device: str, chunk: int, ckpt: bool = False) -> dict:
     """One loop on one shape: tokens/s over `steps` steps after one warm-up step, and peak memory."""
     import torch
+    if loop == "trl":
+        return trl_worker(shape, steps, device)
     from compress.distill import kd, losses
     teacher, student, B, S = build(shape, device)
     cuda = device == "cuda"
@@ -122,13 +139,72 @@ def worker(shape: str, loop: str, steps: int, device: str, chunk: int, ckpt: boo
     out = {"shape": shape, "loop": loop, "device": device, "batch": B, "seq_len": S, "vocab": V,
            "tok_s": round(tokens / dt, 1), "peak_rss_mb": round(rss.peak / 2**20),
            "rss_rise_mb": round((rss.peak - rss.start) / 2**20)}
-    if cuda:
-        n_s = sum(p.numel() for p in student.parameters())
-        n_t = sum(p.numel() for p in teacher.parameters())
-        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        out["flops_per_token"] = 6 * n_s + 2 * n_t
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
+    return out | gpu_stats(teacher, student) if cuda else out
+
+
+def gpu_stats(teacher, student) -> dict:
+    import torch
+    n_s = sum(p.numel() for p in student.parameters())
+    n_t = sum(p.numel() for p in teacher.parameters())
+    return {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "flops_per_token": 6 * n_s + 2 * n_t, "gpu": torch.cuda.get_device_name()}
+
+
+def trl_worker(shape: str, steps: int, device: str) -> dict:
+    """TRL's GKD trainer (beta=0, lmbda=0) on the same models, B and S: see the module docstring."""
+    import tempfile
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    teacher, student, B, S = build(shape, device)
+    cuda = device == "cuda"
+    V = student.config.vocab_size
+    # GKDTrainer needs a processing_class only for its pad id (generation config); the data is
+    # already token ids, so a two-token tokenizer built in-process is enough and works offline
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1}, unk_token="<pad>")),
+                                  pad_token="<pad>", eos_token="</s>")
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(0, V, ((steps + 1) * B, S), generator=gen).tolist()})
+
+    def collate(rows):   # [B, S] ids, no padding: every position is a loss position
+        x = torch.tensor([r["input_ids"] for r in rows])
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+    seen = {"teacher": 0, "student": 0}   # tokens each model's forward saw: proves the work per step
+    for name, m in (("teacher", teacher), ("student", student)):
+        m.register_forward_pre_hook(lambda _m, _a, kw, name=name: seen.__setitem__(name, seen[name] + kw["input_ids"].numel()),
+                                    with_kwargs=True)
+    ends = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            ends.append(time.time())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GKDConfig(output_dir=tmp, beta=0.0, lmbda=0.0, temperature=2.0, max_length=S,
+                         per_device_train_batch_size=B, gradient_accumulation_steps=1, max_steps=steps + 1,
+                         learning_rate=1e-4, weight_decay=0.01, lr_scheduler_type="constant", optim="adamw_torch",
+                         max_grad_norm=0.0, activation_checkpointing=False, gradient_checkpointing=None, bf16=cuda, fp16=False,
+                         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
+                         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, seed=0)
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, data_collator=collate,
+                             train_dataset=data, processing_class=tok, callbacks=[StepTimes()])
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss:
+            trainer.train()
+    assert len(ends) == steps + 1 and seen["teacher"] == seen["student"] == (steps + 1) * B * S, (len(ends), seen)
+    assert not student.is_gradient_checkpointing
+    out = {"shape": shape, "loop": "trl", "device": device, "batch": B, "seq_len": S, "vocab": V,
+           "tok_s": round(steps * B * S / (ends[-1] - ends[0]), 1), "peak_rss_mb": round(rss.peak / 2**20),
+           "rss_rise_mb": round((rss.peak - rss.start) / 2**20)}
+    return out | gpu_stats(teacher, student) if cuda else out
 
 
 class PeakRSS:
@@ -182,13 +258,20 @@ def main() -> None:
     print(f"device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else os.cpu_count()} "
           f"{'' if device == 'cuda' else 'cores'}), threads {a.threads}, {a.steps} timed steps after 1 warm-up, best of {a.rounds}, "
           f"chunk {a.chunk} tokens, load average {os.getloadavg()[0]:.1f}")
+    loops = ("naive", "chunked", "trl")
+    try:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        import trl.experimental.gkd  # noqa: F401
+    except ImportError:
+        loops = loops[:2]
+        print('trl is not installed, skipping the trl loop: pip install -c constraints.txt -e ".[bench]"')
     print("| shape | B x S | V | loop | tok/s | peak RSS MB | RSS rise MB | peak GPU GiB | MFU |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for shape in shapes:
         res = {}
         # alternate the loops `rounds` times and keep each one's fastest round: on a shared host a
         # load spike then hits both loops instead of whichever ran during it
-        for loop in ("naive", "chunked") * a.rounds:
+        for loop in loops * a.rounds:
             cmd = [sys.executable, __file__, "--worker", shape, loop, f"--steps={a.steps}", f"--threads={a.threads}",
                    f"--chunk={a.chunk}"] + (["--activation-checkpointing"] if a.activation_checkpointing else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -207,11 +290,12 @@ def main() -> None:
                    if "flops_per_token" in r else "–")
             print(f"| {shape} | {r['batch']}x{r['seq_len']} | {r['vocab']} | {loop} | {r['tok_s']} | {r['peak_rss_mb']} "
                   f"| {r['rss_rise_mb']} | {r.get('peak_gpu_gib', '–')} | {mfu} |")
-        if all(k in res and not res[k].get("oom") for k in ("naive", "chunked")):
-            n, c = res["naive"], res["chunked"]
-            mem = "peak_gpu_gib" if device == "cuda" else "rss_rise_mb"
-            print(f"  {shape}: chunked/naive tokens/s x{c['tok_s'] / n['tok_s']:.2f}, "
-                  f"{mem} x{c[mem] / max(1e-9, n[mem]):.2f}")
+        mem = "peak_gpu_gib" if device == "cuda" else "rss_rise_mb"
+        for base, label in (("naive", "chunked/naive"), ("trl", "compress chunked / trl")):
+            if all(k in res and not res[k].get("oom") for k in ("chunked", base)):
+                b, c = res[base], res["chunked"]
+                print(f"  {shape}: {label} tokens/s x{c['tok_s'] / b['tok_s']:.2f}, "
+                      f"{mem} x{c[mem] / max(1e-9, b[mem]):.2f}")
 
 if __name__ == "__main__":
     main()
