@@ -209,6 +209,25 @@ def test_unreachable_task_data_is_recorded_not_fatal(tiny_pair, tokenizer, tmp_p
     assert out["my_missing"]["unavailable"].startswith("unavailable: ")
 
 
+def test_hub_task_offline_is_recorded_at_once_not_retried(tiny_pair, tokenizer, tmp_path, monkeypatch):
+    """lm-eval's own arc_easy needs the hub; when the hub refuses connections the lookup runs in
+    offline mode (one OfflineModeIsEnabled, no retry loop) and the task is recorded unavailable."""
+    from compress.evaluate import tasks
+    monkeypatch.setattr(tasks, "hub_address", lambda: ("127.0.0.1", 9))   # nothing listens: refused
+    monkeypatch.setattr(tasks, "_loaded", {})
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert not tasks.hub_reachable()
+    cfg = _cfg(tmp_path, "eval.tasks=[arc_easy]", "eval.limit=4")
+    hf = tiny_pair[0]
+    with pytest.warns(UserWarning, match="arc_easy skipped"):
+        out = tasks.run(cfg, lambda n: open_runtime(hf, 1, vocab=len(tokenizer), n_ctx=n), tokenizer, 512)
+    assert "OfflineModeIsEnabled" in out["arc_easy"]["unavailable"], out
+    import datasets.config
+    from huggingface_hub import constants
+    assert not constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE   # restored afterwards
+
+
 def test_retention_is_measured_above_chance():
     from compress.report.quality import retention
     assert retention(0.25, 0.5, 0.25) == 0.0              # a guesser keeps nothing

@@ -11,7 +11,9 @@ Where tasks come from, per name:
   2. `eval.include_path=DIR`: your own lm-eval task YAMLs (they override same-named built-ins).
   3. lm-eval's own task registry (the datasets come from the Hugging Face hub).
 A bad name is a UserError before anything runs. A task whose dataset cannot be reached (offline,
-say) is recorded as {"unavailable": reason} with one warning, so it never kills a long run.
+say) is recorded as {"unavailable": reason} with one warning, so it never kills a long run. When
+the hub does not answer a connect, lookups run in the hub's offline mode (datasets already in the
+local cache still load) instead of retrying for ~25 s per task.
 
 Tasks are loaded once per process (datasets included) and reused for every artifact; lm-eval's
 full registry takes ~8 s to index, so it is only built when a name is not found in 1 or 2.
@@ -22,11 +24,14 @@ import atexit
 import contextlib
 import io
 import logging
+import os
 import random
 import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ..errors import UserError, closest
 
@@ -128,7 +133,7 @@ def load(cfg) -> tuple[list, dict]:
     tasks, unavailable = [], {}
     for name in map(str, e.tasks):
         try:
-            with quiet():
+            with quiet(), hub_offline(not hub_reachable()):
                 tasks += list(tm.load([name])["tasks"].values())
         except Exception as err:   # offline hub, missing file, broken YAML: keep the run going
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
@@ -137,6 +142,48 @@ def load(cfg) -> tuple[list, dict]:
                           f"eval.task_data=DIR or eval.include_path=DIR with local files", stacklevel=2)
     _loaded[key] = (tasks, unavailable)
     return tasks, unavailable
+
+
+def hub_address() -> tuple[str, int]:
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+_reachable: dict = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub accepts a TCP connection (asked once per process). Behind an
+    HTTP(S) proxy a direct connect says nothing, so the hub is assumed reachable there."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    addr = hub_address()
+    if addr not in _reachable:
+        try:
+            socket.create_connection(addr, timeout=timeout).close()
+            _reachable[addr] = True
+        except OSError:
+            _reachable[addr] = False
+    return _reachable[addr]
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool):
+    """Put huggingface_hub and datasets in offline mode for the block: a missing dataset fails at
+    once with OfflineModeIsEnabled and a cached one loads; without this, every lookup is retried
+    with backoff for ~25 s before failing."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 # ---------------------------------------------------------------- running and recording
