@@ -51,8 +51,9 @@ class PrefixCache:
 
     Multiple-choice questions score each choice after the same context, so most tokens are
     shared. llama.cpp keeps every evaluated position's logits (logits_all) and rewinds by
-    n_tokens; torch crops its DynamicCache and keeps the rows it computed. Other runtimes
-    (onnxruntime) take the plain logprobs() path. Rows equal the full pass up to float rounding.
+    n_tokens; torch crops its DynamicCache and onnxruntime its present -> past arrays, and both
+    keep the rows they computed. Other runtimes take the plain logprobs() path. Rows equal the
+    full pass up to float rounding.
     """
 
     def __init__(self):
@@ -63,6 +64,8 @@ class PrefixCache:
             return self._llama(rt, ids, first)
         if getattr(rt, "name", "") == "torch" and hasattr(rt, "model"):
             return self._torch(rt, ids, first)
+        if getattr(rt, "name", "") == "onnxruntime" and hasattr(rt, "extend"):
+            return self._onnx(rt, ids, first)
         return rt.logprobs(ids)[first:]
 
     def _llama(self, rt, ids, first):
@@ -85,6 +88,15 @@ class PrefixCache:
         new = log_softmax(out.logits[0, :, :rt.vocab].float().numpy())   # [len(ids) - p, V]
         self.lp = np.concatenate([self.lp[:p], new]) if p else new
         self.ids, self.past = list(ids), out.past_key_values
+        return self.lp[first:len(ids)]
+
+    def _onnx(self, rt, ids, first):
+        p = min(common_prefix(self.ids, ids), len(ids) - 1) if self.past is not None else 0
+        past = {k: np.ascontiguousarray(v[:, :, :p]) for k, v in self.past.items()} if p else None   # [1, kv, p, d]
+        logits, self.past = rt.extend(past, ids[p:])
+        new = log_softmax(logits[:, :rt.vocab])                            # [len(ids) - p, V]
+        self.lp = np.concatenate([self.lp[:p], new]) if p else new
+        self.ids = list(ids)
         return self.lp[first:len(ids)]
 
     def _crop(self, keep: int) -> None:

@@ -225,23 +225,26 @@ class OnnxRuntime:
         self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
         self.vocab = _check_vocab(vocab, self.n_vocab, path)
         self._past: dict | None = None
-        self._len = 0
 
-    def _run(self, ids: list[int]) -> np.ndarray:
-        """Append `ids` to the cache; logits [len(ids), V] (fp32)."""
-        if self._past is None:
-            self._past = {n: np.zeros(self.kv_shape, self.kv_dtype) for n in self.past_names}
-            self._len = 0
-        total = self._len + len(ids)
+    def extend(self, past: dict | None, ids: list[int]) -> tuple[np.ndarray, dict]:
+        """Logits [len(ids), V] (fp32) of `ids` after the KV cache `past` (None: empty), and the
+        cache that includes them. The caller owns both: a cache cropped along its sequence axis
+        (v[:, :, :p]) continues from position p, which is how shared prompts are reused."""
+        if past is None:
+            past = {n: np.zeros(self.kv_shape, self.kv_dtype) for n in self.past_names}
+        total = (next(iter(past.values())).shape[2] if past else 0) + len(ids)
         if total > self.n_ctx:
             raise ValueError(f"{total} tokens exceed the context of {self.n_ctx} this runtime was opened with")
         feed = {"input_ids": np.asarray([ids], dtype=np.int64),
-                "attention_mask": np.ones((1, total), dtype=np.int64), **self._past}
+                "attention_mask": np.ones((1, total), dtype=np.int64), **past}
         out = dict(zip(self.outputs, self.session.run(None, feed)))
-        self._past = {k.replace("present.", "past_key_values.", 1): v for k, v in out.items()
-                      if k.startswith("present.")}
-        self._len = total
-        return out["logits"][0].astype(np.float32)
+        present = {k.replace("present.", "past_key_values.", 1): v for k, v in out.items() if k.startswith("present.")}
+        return out["logits"][0].astype(np.float32), present
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        """Append `ids` to the runtime's own cache; logits [len(ids), V] (fp32)."""
+        logits, self._past = self.extend(self._past, ids)
+        return logits
 
     def logprobs(self, ids: list[int]) -> np.ndarray:
         self._past = None
