@@ -40,7 +40,9 @@ def worker(a) -> None:
                          num_key_value_heads=max(1, a.hidden // 192), max_position_embeddings=4096,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
-    student = LlamaForCausalLM(config).to(device)
+    student = LlamaForCausalLM(config)
+    if a.mode == "ddp":   # as compress run does: under FSDP fully_shard moves each unit's shard to the device
+        student.to(device)
     teacher = LlamaForCausalLM(config).to(device, torch.bfloat16 if device != "cpu" else torch.float32)
     teacher.eval().requires_grad_(False)
     seqs = torch.randint(0, a.vocab, (64, a.seq_len), generator=torch.Generator().manual_seed(1))

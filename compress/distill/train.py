@@ -53,15 +53,18 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
     ckpt_dir = out.parent / "checkpoints" / f"{out.name}-{artifacts.expected_hash('distill', config, [src, teacher, data])}"
     rank, world = dist.world()
     full = None
+    # under FSDP the student stays on the CPU: fully_shard moves one unit at a time to the device and
+    # keeps only its shard there, so a student larger than one device never lands on it whole
+    placed = student if d.parallel == "fsdp" and world > 1 else student.to(device)
     stats = {"steps": steps, "tokens": steps * d.batch * d.seq_len, "device": device, "world_size": world,
              "parallel": d.parallel if world > 1 else None}
     if steps and d.mode == "seqkd":
         texts, kept = seqkd_texts(cfg, teacher, tok, ckpt_dir, stats)
-        res, full = train(student.to(device), [], [], pack(tok, texts, d.seq_len), d, steps, ckpt_dir, device,
+        res, full = train(placed, [], [], pack(tok, texts, d.seq_len), d, steps, ckpt_dir, device,
                           vocab=student.config.vocab_size)
     elif steps:
         models_t, weights, vocab, store = teacher_side(cfg, teacher, tok, student, seqs, out, device, stats)
-        res, full = train(student.to(device), models_t, weights, seqs, d, steps, ckpt_dir, device,
+        res, full = train(placed, models_t, weights, seqs, d, steps, ckpt_dir, device,
                           vocab=vocab, store=store)
     if steps:
         stats.update(res)
