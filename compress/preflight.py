@@ -138,7 +138,10 @@ def knobs_of(cfg: RunConfig, device: str = "cpu") -> dict:
             "seq_len": d.seq_len, "chunk": d.chunk, "student_layers": cfg.student.layers, "export": cfg.export.gguf,
             "quants": list(cfg.quantize.gguf), "onnx": cfg.export.onnx, "onnx_quants": list(cfg.quantize.onnx),
             "bnb_quants": list(cfg.quantize.bnb), "teacher_quants": bool(cfg.quantize.teacher),
-            "eval_seqs": cfg.eval.seqs, "eval_seq_len": cfg.eval.seq_len}
+            "eval_seqs": cfg.eval.seqs, "eval_seq_len": cfg.eval.seq_len,
+            # under torchrun: processes on this host, and how many ways FSDP splits the student
+            "ranks": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            "shards": int(os.environ.get("WORLD_SIZE", "1")) if d.parallel == "fsdp" else 1}
 
 
 def student_params(teacher: dict, knobs: dict, student: dict | None = None) -> float:
@@ -159,17 +162,21 @@ def estimate(teacher: dict, knobs: dict, student: dict | None = None) -> dict:
     weights, gradients and AdamW's two moments = 16 bytes per student weight, plus the logits), or
     evaluation. Disk: three fp32 safetensors (teacher, student, distilled), the training checkpoint
     (student + optimizer), every GGUF, and the teacher's float16 reference log-probs [seqs, L, V].
+    Under torchrun every rank on the host loads teacher and student and holds its own training
+    state; FSDP splits the student's 16 bytes per weight across all ranks.
     """
     P, S = teacher["params"], student_params(teacher, knobs, student)
     V = teacher.get("vocab") or 32000
     train = knobs["tokens"] > 0
     micro = max(1, knobs["batch"] // knobs["grad_accum"])
     logits = LOGIT_COPIES * min(micro * knobs["seq_len"], knobs["chunk"]) * V * 4
-    distill = (4 * P + 16 * S + logits) if train else 0
+    ranks, shards = knobs.get("ranks", 1), knobs.get("shards", 1)
+    distill = (4 * P + 16 * S / shards + logits) if train else 0    # per rank
+    held = ranks * (4 * P + 4 * S) if train else 0                   # every rank's loaded models
     load = (8 if teacher.get("gguf") else 4) * P
     evaluate = 4 * P + 3 * knobs["eval_seq_len"] * V * 4
     on_gpu = knobs["device"] == "cuda"
-    ram = OVERHEAD_MB * MB + max(load, evaluate, 0 if on_gpu else distill)
+    ram = OVERHEAD_MB * MB + max(load, evaluate, held, 0 if on_gpu else ranks * distill)
 
     def gguf_bytes(n):   # every shipped format of one model: GGUF, ONNX (fp32 + quants), bitsandbytes
         bits = (BITS.get(knobs["export"], 16) + sum(BITS.get(q, 8) for q in knobs["quants"])) if knobs["export"] else 0

@@ -442,6 +442,12 @@ def test_estimate_adds_up_what_the_stages_hold_and_write():
     assert estimate(SMOL, {**k, "teacher_quants": True})["disk_mb"] > need["disk_mb"] + 2 * P / MB
     on_gpu = estimate(SMOL, {**k, "device": "cuda"})
     assert on_gpu["vram_mb"] == pytest.approx((4 * P + 16 * S + logits) / MB) and on_gpu["ram_mb"] < need["ram_mb"]
+    # torchrun: two ranks on this host each hold their own; FSDP over 4 ranks splits the student's state
+    two = estimate(SMOL, {**k, "ranks": 2})
+    assert two["ram_mb"] == pytest.approx(OVERHEAD_MB + 2 * (4 * P + 16 * S + logits) / MB)
+    fsdp = estimate(SMOL, {**k, "device": "cuda", "ranks": 4, "shards": 4})
+    assert fsdp["vram_mb"] == pytest.approx((4 * P + 4 * S + logits) / MB)
+    assert fsdp["ram_mb"] == pytest.approx(OVERHEAD_MB + max(8 * P, 4 * (4 * P + 4 * S)) / MB)
 
 
 def test_suggestion_fits_and_targets_the_short_resource():
