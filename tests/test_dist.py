@@ -32,7 +32,8 @@ if crash:   # every rank dies right after the first checkpoint is on disk
 student, teacher, data = (artifacts.load(run_dir / n) for n in ("student", "teacher", "data"))
 art = train.run(cfg, student, run_dir / "distilled", teacher=teacher, data=data)
 m = art.meta["metrics"]
-print("DONE", m["world_size"], m["final_loss"], m["resumed_from_step"], m.get("params_on_rank0"))
+# one write(2) per rank: both ranks share the pipe, and print's separate writes can interleave
+os.write(1, f"DONE {m['world_size']} {m['final_loss']} {m['resumed_from_step']} {m.get('params_on_rank0')}\n".encode())
 """
 
 
