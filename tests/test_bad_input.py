@@ -426,6 +426,13 @@ def knobs(**over):
     return {**knobs_of(load_config(["name=x"])), **over}
 
 
+def test_fsdp_batch_not_divisible_by_ranks_is_one_line_before_any_stage(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")                  # as torchrun --nproc_per_node=3 sets it
+    with pytest.raises(UserError, match=r"distill.batch \(4\) divisible by the 3 processes.*distill.batch=3"):
+        load_config(["distill.parallel=fsdp", "distill.batch=4"])
+    load_config(["distill.parallel=ddp", "distill.batch=4"])   # DDP takes uneven shares
+
+
 def test_estimate_adds_up_what_the_stages_hold_and_write():
     from compress.preflight import BITS, LOGIT_COPIES, MB, OVERHEAD_MB, estimate
     k = knobs(student_layers=15, batch=4, grad_accum=2, seq_len=256, quants=["Q8_0", "Q4_0"],

@@ -9,6 +9,8 @@ Unset, the loss is "fkl:alpha,ce:1-alpha" with alpha = distill.alpha (0.9) and i
 """
 from __future__ import annotations
 
+import os
+
 from ..errors import UserError, closest
 
 # term -> what it needs from the teacher: "dist" a full distribution, "topk" top-k log-probs
@@ -86,6 +88,10 @@ def check(d) -> None:
                         "distill.teacher_cache and distill.teachers unset")
     if d.parallel not in ("ddp", "fsdp"):
         raise UserError(f"distill.parallel='{d.parallel}'{closest(d.parallel, ['ddp', 'fsdp'])}; use ddp or fsdp")
+    world = int(os.environ.get("WORLD_SIZE", "1"))   # set by torchrun
+    if d.parallel == "fsdp" and d.batch % world:
+        raise UserError(f"distill.parallel=fsdp needs distill.batch ({d.batch}) divisible by the {world} processes, "
+                        f"so every rank runs the same micro-batches; use distill.batch={world * max(1, d.batch // world)}")
     if d.parallel == "fsdp" and d.mode == "onpolicy":
         raise UserError("distill.mode=onpolicy samples from the whole student on each rank: use distill.parallel=ddp")
     if d.samples < 1 or d.max_words < 1 or not 0.0 <= d.lmbda <= 1.0:

@@ -191,10 +191,7 @@ def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, s
         proj.to(device)
     body_s, head_s = kd.body_and_head(student)
     root = None
-    if d.parallel == "fsdp" and world > 1:
-        if d.batch % world:
-            raise UserError(f"distill.parallel=fsdp needs distill.batch ({d.batch}) divisible by the {world} "
-                            f"processes, so every rank runs the same micro-batches; use distill.batch={world * max(1, d.batch // world)}")
+    if d.parallel == "fsdp" and world > 1:   # spec.check made distill.batch divisible by world
         body_s = root = dist.shard(student, proj)
     params = list(root.parameters()) if root is not None else \
         list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
