@@ -178,13 +178,13 @@ def estimate(teacher: dict, knobs: dict, student: dict | None = None) -> dict:
     on_gpu = knobs["device"] == "cuda"
     ram = OVERHEAD_MB * MB + max(load, evaluate, held, 0 if on_gpu else ranks * distill)
 
-    def gguf_bytes(n):   # every shipped format of one model: GGUF, ONNX (fp32 + quants), bitsandbytes
+    def shipped_bytes(n):   # every shipped format of one model: GGUF, ONNX (fp32 + quants), bitsandbytes
         bits = (BITS.get(knobs["export"], 16) + sum(BITS.get(q, 8) for q in knobs["quants"])) if knobs["export"] else 0
         bits += (32 + sum(BITS_8_4[q] for q in knobs.get("onnx_quants", []))) if knobs.get("onnx") else 0
         bits += sum(BITS_8_4[q] for q in knobs.get("bnb_quants", []))
         return n * bits / 8
-    disk = (4 * P + 8 * S + (12 * S if train else 0) + gguf_bytes(S)
-            + (gguf_bytes(P) if knobs["teacher_quants"] else 0)
+    disk = (4 * P + 8 * S + (12 * S if train else 0) + shipped_bytes(S)
+            + (shipped_bytes(P) if knobs["teacher_quants"] else 0)
             + knobs["eval_seqs"] * knobs["eval_seq_len"] * V * 2)
     return {"ram_mb": ram / MB, "vram_mb": distill / MB if on_gpu else 0.0, "disk_mb": disk / MB}
 

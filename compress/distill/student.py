@@ -17,6 +17,7 @@ import torch
 from .. import artifacts
 from ..errors import UserError
 from ..models import count_params, load_model, load_tokenizer, resolve_teacher, save_hf
+from .teachers import check_tokenizer
 
 
 def config_of(cfg) -> dict:
@@ -34,7 +35,8 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, data: artifacts.Artifact) ->
         if cfg.distill.mode == "seqkd":   # trains on text: any tokenizer works, the student keeps its own
             tok = own
         else:                             # the student learns (and ships) the teacher's chat format
-            check_same_tokenizer(tok, own, s.model)
+            check_tokenizer(own, tok, s.model, who="student", ref="teacher",
+                            hint="; or pick a student from the teacher's family, or derive one with student.layers=N")
         kept, scores = None, None
     else:
         teacher = load_model(str(src.path))
@@ -112,10 +114,3 @@ def keep_layers(model, kept: list[int]):
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[i] for i in kept]
     return student
-
-
-def check_same_tokenizer(a, b, name: str) -> None:
-    if a.get_vocab() != b.get_vocab():
-        raise UserError(f"student {name} does not share the teacher's tokenizer; logit distillation needs "
-                        f"the same vocabulary: use sequence-level KD (distill.mode=seqkd), pick a student from "
-                        f"the teacher's family, or derive one with student.layers=N")

@@ -42,11 +42,12 @@ def load(spec_list: list[str], student_tok, device: str, trust_remote_code: bool
     return models
 
 
-def check_tokenizer(teacher_tok, student_tok, name: str) -> None:
-    if teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise UserError(f"teacher {name} and the student use different tokenizers, so their logits cannot be "
-                        f"compared token by token; use sequence-level KD (distill.mode=seqkd), which trains "
-                        f"the student on the teacher's text and works across tokenizers")
+def check_tokenizer(tok, ref_tok, name: str, who: str = "teacher", ref: str = "student", hint: str = "") -> None:
+    """Logit distillation compares distributions token by token: `who` `name` must use `ref`'s tokenizer."""
+    if tok.get_vocab() != ref_tok.get_vocab():
+        raise UserError(f"{who} {name} does not share the {ref}'s tokenizer (different tokenizers), so their logits "
+                        f"cannot be compared token by token; use sequence-level KD (distill.mode=seqkd), which "
+                        f"trains the student on the teacher's text and works across tokenizers{hint}")
 
 
 def shared_vocab(student_tok, vocab_sizes: list[int]) -> int:

@@ -130,10 +130,12 @@ def load(cfg) -> tuple[list, dict]:
     if key in _loaded:
         return _loaded[key]
     tm = resolve(cfg)
+    include = include_dirs(cfg)
+    local = set(manager(include, defaults=False).all_tasks) if include else set()   # need no hub
     tasks, unavailable = [], {}
     for name in map(str, e.tasks):
         try:
-            with quiet(), hub_offline(not hub_reachable()):
+            with quiet(), hub_offline(name not in local and not hub_reachable()):
                 tasks += list(tm.load([name])["tasks"].values())
         except Exception as err:   # offline hub, missing file, broken YAML: keep the run going
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
