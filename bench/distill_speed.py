@@ -77,7 +77,7 @@ def build(shape: str, device: str):
     else:
         teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model(**t_cfg))
     if isinstance(s_cfg, int):
-        from compress.distill.student import even_layers, keep_layers
+        from compress.student.subset import even_layers, keep_layers
         student = keep_layers(teacher, even_layers(teacher.config.num_hidden_layers, s_cfg))
     else:
         student = AutoModelForCausalLM.from_config(AutoConfig.for_model(**s_cfg))

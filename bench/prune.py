@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from compress import artifacts, prune
+from compress import artifacts
+from compress.student import prune
 from compress.config import load_config, resolved_threads
 from compress.distill import train
 from compress.evaluate import run as evaluate
@@ -71,7 +72,7 @@ def main():
             t0 = time.time()
             healed = cached(run_b / f"healed-{v}-{heal}",
                             lambda out: train.run(hcfg, art, out, teacher=teacher, data=data))
-            if healed.meta["config"]["tokens"] != heal_tokens:
+            if healed.meta["config"]["distill"]["tokens"] != heal_tokens:
                 sys.exit(f"{healed.path} was healed on {healed.meta['config']['tokens']} tokens, not "
                          f"{heal_tokens}: pass --heal-tokens={healed.meta['config']['tokens']} or a new --work")
             print(row(v, healed, f"{heal} {heal_tokens}", score(hcfg, healed, teacher, data, run_b, mc_n),
@@ -98,7 +99,7 @@ def score(cfg, art, teacher, data, run_b, mc_n: int) -> dict:
 
 def row(variant: str, art, heal: str, q: dict, seconds: float) -> str:
     from transformers import AutoConfig
-    from compress.prune.solver import Dims
+    from compress.student.solver import Dims
     d = Dims.of(AutoConfig.from_pretrained(str(art.path)))
     acc = f"{q['mc']['acc']:.3f}±{q['mc']['stderr']:.3f}" if "mc" in q else "-"
     return (f"{variant:11s} {d.layers:6d} {d.hidden:6d} {d.heads:5d} {d.mlp:5d} {d.total() / 1e6:6.1f}M "

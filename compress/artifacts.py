@@ -5,9 +5,11 @@ when complete, so a crash never leaves a directory that looks finished. A stage 
 hash (stage + its config + its parents' hashes) matches an existing artifact is skipped.
 
 meta.json keys (all artifacts):
-    name, stage, format (hf|gguf|data|eval|onnx), quant, file (main file, relative), parents
-    (list of {name, hash}), parent (first parent's name or null), config (the stage's exact
-    config), hash, versions, created, size_bytes, params, metrics (stage-specific).
+    name, stage, format (hf|gguf|data|eval|onnx|...), quant, file (main file, relative), parents
+    (list of {name, hash, path}), parent (first parent's name or null), config (the values of the
+    config keys the stage declares, plus its params), hash, versions, created, size_bytes, params,
+    metrics (stage-specific), cost ({wall_s, device, peak_rss_mb, peak_gpu_mb} of the stage that
+    made it; null for artifacts written outside a stage).
 """
 from __future__ import annotations
 
@@ -106,14 +108,23 @@ def file_size(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def writing(out, *, stage: str, config: dict, parents: list, format: str,
-            quant: str | None = None, file: str = ".", force: bool = True):
+def writing(out, *, stage: str | None = None, config: dict | None = None, parents: list | None = None,
+            format: str | None = None, quant: str | None = None, file: str = ".", force: bool = True):
     """Yield (tmp_dir, meta) to fill; on success write meta.json and rename tmp_dir to `out`.
 
-    The caller puts files into tmp_dir and may add to meta["metrics"] / meta["params"]. On any
-    exception the temporary directory is removed and nothing at `out` changes. An existing `out`
-    is replaced only when `force` (the pipeline decides; stages never overwrite by themselves).
+    Inside a declared stage (compress/stage.py) the stage name, config, parents and format come
+    from the stage's identity and the meta records what making it cost; outside one (tests) the
+    caller names them. The caller puts files into tmp_dir and may add to meta["metrics"] /
+    meta["params"]. On any exception the temporary directory is removed and nothing at `out`
+    changes. An existing `out` is replaced only when `force` (the pipeline decides; stages never
+    overwrite by themselves).
     """
+    from .stage import current, memory
+    ident = current()
+    if ident is not None:
+        if stage is not None or config is not None or parents is not None:
+            raise TypeError(f"stage {ident.stage}: the runner records stage, config and parents; do not pass them")
+        stage, config, parents, format = ident.stage, ident.config, ident.parents, format or ident.format
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} exists and was made differently; pass force=true to redo it or choose another name=")
@@ -121,7 +132,7 @@ def writing(out, *, stage: str, config: dict, parents: list, format: str,
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    parents = [p for p in parents if p is not None]
+    parents = [p for p in parents or [] if p is not None]
     meta = {
         "name": out.name, "stage": stage, "format": format, "quant": quant, "file": file,
         "parent": parents[0].name if parents else None,
@@ -132,6 +143,7 @@ def writing(out, *, stage: str, config: dict, parents: list, format: str,
     try:
         yield tmp, meta
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        meta["cost"] = memory.cost(ident.started) if ident is not None else None
         meta["size_bytes"] = file_size(tmp / file) if file != "." else dir_size(tmp)
         _write_json_atomic(tmp / META, meta)
         _swap_into_place(tmp, out)

@@ -9,7 +9,6 @@ Bad input prints one line and exits 2; --debug shows the traceback.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 USAGE = __doc__.split("\n\n")[1]
@@ -96,28 +95,20 @@ def list_things(rest: list[str]) -> int:
             dev = read_profile(name).get("device", {})
             print(f"{name:14s} {dev.get('name', '')}")
     elif what == "formats":
-        from .quantize.types import QUANTIZED, UNQUANTIZED
-        print("export.gguf:   " + " ".join(UNQUANTIZED))
-        print("quantize.gguf: " + " ".join(QUANTIZED))
-        from .config import BNB_QUANTS, LAYOUTS, ONNX_PRECISIONS, ONNX_QUANTS
-        print("export.onnx:   " + " ".join(ONNX_PRECISIONS))
-        print("quantize.onnx: " + " ".join(ONNX_QUANTS))
-        print("quantize.bnb:  " + " ".join(BNB_QUANTS))
+        from .formats import FORMATS, LAYOUTS
+        for f in FORMATS.values():
+            for kind, types in (("export", f.export), ("quantize", f.quantize)):
+                if types:
+                    print(f"{kind + '.' + f.name + ':':15s}" + " ".join(f"{t} ({v.bits:g} bits)" for t, v in types.items())
+                          + f"   runs in {f.runtime}")
         print("export.layout: " + " ".join(LAYOUTS))
     elif what == "keys":
         from .config import RunConfig
-        for key, default in flat_defaults(RunConfig()):
-            print(f"{key:28s} {default!r}")
+        from .keys import rows
+        for key, default, values, help in rows(RunConfig):
+            print(f"{key:33s} {default:18s} {help}" + (f"; {values}" if values else ""))
     else:
         raise UserError(f"unknown listing '{what}'{closest(what, ['profiles', 'formats', 'keys'])}; "
                         f"use: compress ls profiles|formats|keys")
     return 0
 
-
-def flat_defaults(obj, prefix: str = ""):
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from flat_defaults(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value

@@ -2,11 +2,14 @@
 
     cfg = load_config(["profile=phone", "student.layers=12", "quantize.gguf=[Q8_0,Q4_K_M]"])
 
-Unknown keys and profiles are errors that name the closest valid one.
+Unknown keys and profiles are errors that name the closest valid one. Every key is a field made by
+keys.key(default, help, choices=..., ge=..., lt=...): validate() checks the choices and ranges from
+it, and `compress ls keys` and README's key table (keys_markdown) print it.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,138 +18,174 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, closest
+from .formats import LAYOUTS, export_types, quant_types
+from .keys import check_key, key, markdown, walk
 
 BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
+
+
+ONNX_PRECISIONS, ONNX_QUANTS, BNB_QUANTS = export_types("onnx"), quant_types("onnx"), quant_types("bnb")
+# Pipeline order; each is a declared stage (compress/stage.py) that `stages=[...]` can redo.
+STAGES = ["teacher", "data", "student", "prune", "distill", "export", "imatrix", "quantize", "layout",
+          "reference", "evaluate"]
+# `student=path` is shorthand for `student.model=path`.
+SHORTHANDS = {"student": "student.model"}
 
 
 @dataclass
 class Device:
     """Facts about the target device, used for budgets and labelled estimates."""
-    name: str = "this host"
-    threads: int = 4
-    ram_mb: int = 8192
-    bandwidth_gbs: float = 25.0     # sustained memory bandwidth: bounds decode speed
-    compute_gflops: float = 200.0   # sustained fp16/int8 matmul throughput: bounds prefill speed
+    name: str = key("this host", "the device's name in the report")
+    threads: int = key(4, "CPU threads the model runs with on the device")
+    ram_mb: int = key(8192, "the device's memory, MB")
+    bandwidth_gbs: float = key(25.0, "sustained memory bandwidth, GB/s: bounds decode speed")
+    compute_gflops: float = key(200.0, "sustained fp16/int8 matmul throughput, GFLOP/s: bounds prefill speed")
 
 
 @dataclass
 class Budgets:
     """What an artifact must meet to be shippable on the device; None means no limit."""
-    max_size_mb: float | None = None
-    max_peak_rss_mb: float | None = None
-    min_decode_tps: float | None = None
-    max_kld: float | None = None        # mean KL(teacher || artifact), nats/token
+    max_size_mb: float | None = key(None, "largest shippable file size, MB; null: no limit")
+    max_peak_rss_mb: float | None = key(None, "largest peak memory (RSS) while running, MB; null: no limit")
+    min_decode_tps: float | None = key(None, "slowest acceptable decode speed, tokens/s; null: no limit")
+    max_kld: float | None = key(None, "largest mean KL(teacher || artifact), nats/token; null: no limit")
 
 
 @dataclass
 class Student:
-    model: str | None = None        # an HF id/dir sharing the teacher's tokenizer; else derived
-    layers: int | None = None       # keep this many of the teacher's layers
-    select: str = "importance"      # importance (block influence) | even
+    """The student: a given model, or a subset of the teacher's layers."""
+    model: str | None = key(None, "an HF id/dir sharing the teacher's tokenizer (or student=...); "
+                                  "null: derived from the teacher")
+    layers: int | None = key(None, "keep this many of the teacher's layers; null: all", ge=1)
+    select: str = key("importance", "which layers to keep: by importance (block influence) or evenly spaced",
+                      choices=("importance", "even"))
 
 
 @dataclass
 class Prune:
     """Structured pruning targets; any set target replaces the layer-subset student."""
-    layers: int | None = None       # decoder layers to keep (depth)
-    mlp: int | None = None          # MLP intermediate width to keep
-    heads: int | None = None        # attention (query) heads to keep; KV groups stay consistent
-    hidden: int | None = None       # hidden/embedding width to keep
-    params: str | None = None       # overall target: a fraction like 0.5 or an absolute like 60M
-    depth_metric: str = "block_influence"   # block_influence | loss
-    multiple: int = 32              # round widths to this (256 lets GGUF k-quants apply)
-    calib_tokens: int = 2048
+    layers: int | None = key(None, "decoder layers to keep (depth)")
+    mlp: int | None = key(None, "MLP intermediate width to keep")
+    heads: int | None = key(None, "attention (query) heads to keep; KV groups stay consistent")
+    hidden: int | None = key(None, "hidden/embedding width to keep")
+    params: str | None = key(None, "overall target: a fraction of the teacher's non-embedding parameters like 0.5, "
+                                   "or a total like 60M")
+    # the same names as student/importance.py's DEPTH_METRICS (that module imports torch)
+    depth_metric: str = key("block_influence", "how the layers to drop are scored", choices=("block_influence", "loss"))
+    multiple: int = key(32, "round pruned widths down to a multiple of this (256 lets GGUF k-quants apply)", ge=1)
+    calib_tokens: int = key(2048, "calibration tokens the importance scores are measured on")
 
 
 @dataclass
 class Gen:
     """Built-in data: the teacher answers built-in prompts (used when data= is not given)."""
-    prompts: int = 120
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    heldout: float = 0.15           # fraction of examples never trained on
-    seed: int = 0
+    prompts: int = key(120, "built-in prompts the teacher answers")
+    max_new_tokens: int = key(256, "longest answer, tokens")
+    temperature: float = key(0.7, "the teacher's sampling temperature")
+    top_p: float = key(0.9, "the teacher's nucleus sampling p")
+    heldout: float = key(0.15, "fraction of examples never trained on (the evaluation text)", gt=0, lt=1)
+    seed: int = key(0, "sampling and split seed")
 
 
 @dataclass
 class Distill:
-    tokens: int = 20_000            # training tokens seen (sum over steps)
-    seq_len: int = 256
-    batch: int = 4                  # sequences per optimizer step (after accumulation)
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup: float = 0.1             # fraction of steps
-    loss: str | None = None         # weighted terms, e.g. "fkl:0.9,ce:0.1" (distill/spec.py); None: the alpha mix
-    alpha: float | None = None      # default loss: alpha * T^2 * fkl + (1 - alpha) * CE; None means 0.9
-    alpha_end: float | None = None  # schedule target; None keeps alpha constant
-    temperature: float = 2.0
-    temperature_end: float | None = None
-    schedule: str = "linear"        # how alpha/temperature move to their *_end values: constant | linear | cosine
-    beta: float = 0.5               # generalized JSD's beta (0: forward KL, 1: reverse KL)
-    top_k: int = 64                 # K of the topk term when it reads the live teacher
-    chunk: int = 256                # tokens per chunk of the memory-efficient loss (lm_head + loss)
-    activation_checkpointing: bool = False   # recompute the student's layer activations in backward: less memory, ~1/3 more compute
-    teacher_cache: str | None = None   # "topk:K": teacher top-k computed once, memory-mapped; no resident teacher
-    teachers: list | None = None    # more teachers (HF ids/dirs) averaged with teacher= over a shared vocabulary
-    teacher_weights: list | None = None   # weights of teacher= then distill.teachers; None: equal
-    mode: str = "logits"            # logits | seqkd (train on verified teacher samples) | onpolicy (GKD lambda)
-    lmbda: float = 0.5              # onpolicy: share of micro-batches whose second half the student samples
-    prompts: str | None = None      # seqkd: .jsonl of prompt/question (+ answer); None: built-in prompts
-    samples: int = 4                # seqkd: teacher candidates per prompt
-    verifier: str = "format"        # seqkd: exact (final answer, e.g. gsm8k '#### 42') | format | none
-    max_words: int = 400            # seqkd: longer candidates are rejected
-    checkpoint_every: int = 20      # optimizer steps between atomic checkpoints
-    parallel: str = "ddp"           # under torchrun: ddp (every rank holds the student) | fsdp (layers sharded across ranks)
-    seed: int = 0
+    """Training the student on the teacher (see Distillation)."""
+    tokens: int = key(20_000, "training tokens seen (sum over steps); 0 skips training", ge=0)
+    seq_len: int = key(256, "tokens per training sequence", ge=8)
+    batch: int = key(4, "sequences per optimizer step (after accumulation)", ge=1)
+    grad_accum: int = key(1, "micro-batches accumulated into one optimizer step", ge=1)
+    lr: float = key(2e-4, "peak learning rate (AdamW)", gt=0, lt=1)
+    warmup: float = key(0.1, "fraction of steps that warm the learning rate up", ge=0, lt=1)
+    loss: str | None = key(None, "weighted loss terms, e.g. fkl:0.9,ce:0.1 (distill/spec.py); null: the alpha mix")
+    alpha: float | None = key(None, "default loss: alpha * T^2 * fkl + (1 - alpha) * CE; null means 0.9", ge=0, le=1)
+    alpha_end: float | None = key(None, "where distill.schedule moves alpha; null keeps alpha constant", ge=0, le=1)
+    temperature: float = key(2.0, "softmax temperature T of the tempered KD terms", gt=0)
+    temperature_end: float | None = key(None, "where distill.schedule moves the temperature; null keeps it constant",
+                                        gt=0)
+    schedule: str = key("linear", "how alpha and temperature move to their *_end values",
+                        choices=("constant", "linear", "cosine"))
+    beta: float = key(0.5, "generalized JSD's beta (0: forward KL, 1: reverse KL)", ge=0, le=1)
+    top_k: int = key(64, "K of the topk term when it reads the live teacher", ge=1, le=1024)
+    chunk: int = key(256, "tokens per chunk of the memory-efficient loss (lm_head + loss)", ge=1)
+    activation_checkpointing: bool = key(False, "recompute the student's layer activations in backward: "
+                                                "less memory, about 1/3 more compute")
+    teacher_cache: str | None = key(None, "topk:K: the teacher's top-K computed once, memory-mapped; "
+                                          "no resident teacher")
+    teachers: list | None = key(None, "more teachers (HF ids/dirs) averaged with teacher= over a shared vocabulary")
+    teacher_weights: list | None = key(None, "weights of teacher= then distill.teachers; null: equal")
+    mode: str = key("logits", "logits (the teacher's distributions), seqkd (train on verified teacher samples) "
+                              "or onpolicy (GKD: the student samples, see lmbda)",
+                    choices=("logits", "seqkd", "onpolicy"))
+    lmbda: float = key(0.5, "onpolicy: share of micro-batches whose second half the student samples", ge=0, le=1)
+    prompts: str | None = key(None, "seqkd: .jsonl of prompt/question (+ answer); null: built-in prompts")
+    samples: int = key(4, "seqkd: teacher candidates per prompt", ge=1)
+    verifier: str = key("format", "seqkd: exact (final answer, e.g. gsm8k '#### 42', plus format), "
+                                  "format (finished, not repetitive) or none", choices=("exact", "format", "none"))
+    max_words: int = key(400, "seqkd: longer candidates are rejected", ge=1)
+    checkpoint_every: int = key(20, "optimizer steps between atomic checkpoints", ge=1)
+    parallel: str = key("ddp", "under torchrun: ddp (every rank holds the student) or fsdp (layers sharded "
+                               "across ranks)", choices=("ddp", "fsdp"))
+    seed: int = key(0, "training seed")
 
 
 @dataclass
 class Export:
-    gguf: str | None = "F16"        # F16 | BF16 | F32: the unquantized GGUF every quant starts from; null: none
-    onnx: str | None = None         # fp32: an ONNX decoder with KV cache (onnxruntime, browser); null: none
-    layout: str | None = None       # transformers.js: also lay the ONNX artifacts out as one browser model dir
+    """Unquantized files every quantized artifact starts from."""
+    gguf: str | None = key("F16", "F16, BF16 or F32: the unquantized GGUF every GGUF quant starts from; null: none")
+    onnx: str | None = key(None, "an ONNX decoder with KV cache (onnxruntime, browser; int8/int4 go in "
+                                 "quantize.onnx); null: none", choices=ONNX_PRECISIONS)
+    layout: str | None = key(None, "also lay the ONNX artifacts out as one browser model dir (needs export.onnx)",
+                             choices=LAYOUTS)
 
 
 @dataclass
 class Quantize:
-    gguf: list = field(default_factory=lambda: ["Q8_0", "Q4_K_M", "Q4_0"])
-    imatrix: bool = True            # importance matrix from the calibration (training) data
-    imatrix_tokens: int = 4096
-    teacher: bool = True            # also quantize the teacher itself: the baseline to beat
-    onnx: list = field(default_factory=list)    # int8 | int4: MatMulNBits weight-only, from the fp32 ONNX
-    onnx_block: int | None = None   # MatMulNBits block size; None: the largest of 128/64/32/16 that fits
-    bnb: list = field(default_factory=list)     # int8 | nf4: bitsandbytes HF artifacts (GPU servers)
+    """Quantized artifacts of the student, and of the teacher as the baseline."""
+    gguf: list = key(["Q8_0", "Q4_K_M", "Q4_0"], "llama.cpp types to build (compress ls formats); [] builds no GGUF")
+    imatrix: bool = key(True, "GGUF quants use an importance matrix from the calibration (training) data")
+    imatrix_tokens: int = key(4096, "tokens the importance matrix is computed on", ge=1)
+    teacher: bool = key(True, "also quantize the teacher itself (teacher-gguf-*, teacher-onnx-*, "
+                              "teacher-bnb-*): the baseline to beat")
+    onnx: list = key([], "ONNX weight-only types (MatMulNBits) built from the fp32 ONNX (needs export.onnx)",
+                     choices=ONNX_QUANTS)
+    onnx_block: int | None = key(None, "MatMulNBits block size; null: the largest of 128/64/32/16 that fits",
+                                 choices=(16, 32, 64, 128, 256))
+    bnb: list = key([], "bitsandbytes HF artifacts (GPU servers)", choices=BNB_QUANTS)
 
 
 @dataclass
 class Eval:
-    threads: int | None = None      # None: the profile's device threads, capped by host cores
-    seqs: int = 16                  # held-out sequences for ppl / KLD / top-1
-    seq_len: int = 128
-    prefill_tokens: int = 128
-    decode_tokens: int = 32
-    memory: bool = True             # peak RSS in a separate process
-    tasks: list = field(default_factory=list)   # lm-eval task names, e.g. [arc_easy, copa]
-    limit: int | None = None        # documents per task (None: all); the first N, same for every artifact
-    num_fewshot: int | None = None  # few-shot examples per prompt (None: the task's default, usually 0)
-    include_path: str | None = None # a folder of your own lm-eval task YAMLs
-    task_data: str | None = None    # a folder of local benchmark files for the shipped task YAMLs
-    ood: str | None = "builtin"     # out-of-domain text: builtin (Python stdlib source), a .txt/.jsonl, or none
-    ood_seqs: int = 8               # out-of-domain sequences of eval.seq_len tokens (a robustness check, not the headline)
+    """Measuring every artifact in the runtime it ships in, against the teacher."""
+    threads: int | None = key(None, "threads for speed measurements; null: the profile's device threads, "
+                                    "capped by host cores", ge=1)
+    seqs: int = key(16, "held-out sequences for ppl / KLD / top-1", ge=1)
+    seq_len: int = key(128, "tokens per evaluation sequence", ge=2)
+    prefill_tokens: int = key(128, "prompt tokens of the speed measurement", ge=1)
+    decode_tokens: int = key(32, "generated tokens of the speed measurement", ge=1)
+    memory: bool = key(True, "measure peak RSS in a separate process")
+    tasks: list = key([], "lm-eval task names, e.g. [arc_easy,copa] (see Benchmark tasks)")
+    limit: int | None = key(None, "documents per task; the first N, same for every artifact; null: all", ge=1)
+    num_fewshot: int | None = key(None, "few-shot examples per prompt; null: the task's default, usually 0", ge=0)
+    include_path: str | None = key(None, "a folder of your own lm-eval task YAMLs (they override same-named ones)")
+    task_data: str | None = key(None, "a folder of local benchmark files for the shipped task YAMLs (offline)")
+    ood: str | None = key("builtin", "out-of-domain text: builtin (Python stdlib source), a .txt/.jsonl, or none")
+    ood_seqs: int = key(8, "out-of-domain sequences of eval.seq_len tokens (a robustness check, not the headline)",
+                        ge=1)
 
 
 @dataclass
 class RunConfig:
-    name: str | None = None
-    profile: str | None = None
-    teacher: str = BUILTIN_TEACHER
-    data: str | None = None         # .txt | .jsonl | HF dataset name; None: teacher-generated
-    out: str = "runs"
-    stages: list | None = None      # redo only these stages (others are reused when finished)
-    force: bool = False             # redo every stage
-    trust_remote_code: bool = False
-    preflight: bool = True          # refuse runs whose RAM/disk estimate exceeds this host
+    """One run: what to compress, where to write it, and every stage's section."""
+    name: str | None = key(None, "run directory name under out; null: profile + time")
+    profile: str | None = key(None, "a shipped profile (compress ls profiles) or a YAML file, which may say "
+                                    "inherits: phone")
+    teacher: str = key(BUILTIN_TEACHER, "the built-in teacher, an HF hub id, a local HF dir, or a .gguf")
+    data: str | None = key(None, ".txt, .jsonl or HF dataset name; null: teacher-generated (gen.*)")
+    out: str = key("runs", "folder that holds the run directories")
+    stages: list | None = key(None, "redo only these stages (others are reused when finished)", choices=STAGES)
+    force: bool = key(False, "redo every stage")
+    trust_remote_code: bool = key(False, "allow models that ship their own code (refused without it)")
+    preflight: bool = key(True, "refuse runs whose RAM/disk estimate exceeds this host")
     device: Device = field(default_factory=Device)
     budgets: Budgets = field(default_factory=Budgets)
     student: Student = field(default_factory=Student)
@@ -168,9 +207,9 @@ class RunConfig:
         return Path(self.out) / self.name
 
 
-STAGES = ["teacher", "data", "student", "prune", "distill", "export", "quantize", "evaluate", "layout", "report"]
-# `student=path` is shorthand for `student.model=path`.
-SHORTHANDS = {"student": "student.model"}
+def keys_markdown() -> str:
+    """README's key table: every key with its default, values and help (tests keep README in sync)."""
+    return markdown(RunConfig)
 
 
 # ---------------------------------------------------------------- profiles
@@ -312,56 +351,49 @@ def load_config(args: list[str]) -> RunConfig:
     return cfg
 
 
+# Messages worded before the generic ones (users' scripts and tests match on them); the limits
+# still come from the field: {key}, {value}, {range} and {choices} are filled in.
+WORDING = {
+    "distill.alpha_end": "{key}={value} is out of range: distill.alpha must be {range}, "
+                         "and so must its schedule target",
+    "distill.temperature_end": "{key}={value} is out of range: the temperature must be {range}, "
+                               "and so must its schedule target",
+    "distill.seq_len": "{key}={value} is out of range; use {key} {range}",
+    "distill.lmbda": "{key}={value} is out of range; use {key} {range}",
+    "distill.beta": "{key}={value} must be {range} (0: forward KL, 1: reverse KL)",
+    "student.layers": "{key}={value} is out of range; student.layers must be at least 1",
+    "eval.limit": "{key}={value} is out of range; eval.limit and eval.ood_seqs must be >= 1 (unset: every document)",
+    "quantize.onnx_block": "{key}={value} must be {choices} (or unset to pick one)",
+}
+
+
 def validate(cfg: RunConfig) -> None:
-    """Range checks that would otherwise fail deep inside a stage."""
+    """Every key against its field's choices and range, then the checks that span keys."""
+    for name, f in walk(RunConfig):
+        check_key(name, f, functools.reduce(getattr, name.split("."), cfg), WORDING.get(name))
     if cfg.name and (("/" in cfg.name) or ("\\" in cfg.name) or cfg.name in (".", "..") or cfg.name.startswith(".")):
         raise UserError(f"name='{cfg.name}' must be a plain directory name (no path separators, not hidden)")
-    d = cfg.distill
-    if (d.alpha is not None and not 0.0 <= d.alpha <= 1.0) or (d.alpha_end is not None and not 0.0 <= d.alpha_end <= 1.0):
-        raise UserError("distill.alpha must be in [0, 1] (weight of the KD term)")
-    if d.temperature <= 0 or (d.temperature_end is not None and d.temperature_end <= 0):
-        raise UserError("distill.temperature must be > 0, e.g. distill.temperature=2")
-    if not 0 < d.lr < 1:
-        raise UserError(f"distill.lr={d.lr} is out of range; use a small positive value like 2e-4")
-    if d.schedule not in ("constant", "linear", "cosine"):
-        raise UserError(f"distill.schedule='{d.schedule}'{closest(d.schedule, ['constant', 'linear', 'cosine'])}; "
-                        f"use constant, linear or cosine")
     from .distill.spec import check as check_distill   # torch-free: loss terms, cache, teachers
-    check_distill(d)
-    if d.tokens < 0 or d.seq_len < 8 or d.batch < 1 or d.grad_accum < 1:
-        raise UserError("distill.tokens must be >= 0, distill.seq_len >= 8, distill.batch and grad_accum >= 1")
-    if cfg.student.layers is not None and cfg.student.layers < 1:
-        raise UserError("student.layers must be at least 1")
-    if cfg.student.select not in ("importance", "even"):
-        raise UserError(f"student.select='{cfg.student.select}'{closest(cfg.student.select, ['importance', 'even'])}; use importance or even")
-    if not 0 < cfg.gen.heldout < 1:
-        raise UserError("gen.heldout must be a fraction in (0, 1), e.g. 0.15")
-    if cfg.stages:
-        for s in cfg.stages:
-            if s not in STAGES:
-                raise UserError(f"unknown stage '{s}'{closest(s, STAGES)}; stages are: {', '.join(STAGES)}")
-    if not 0 <= d.warmup < 1 or d.checkpoint_every < 1:
-        raise UserError("distill.warmup must be a fraction in [0, 1) and distill.checkpoint_every >= 1")
+    check_distill(cfg.distill)
     e = cfg.eval
-    if e.seqs < 1 or e.seq_len < 2 or e.prefill_tokens < 1 or e.decode_tokens < 1 or (e.threads is not None and e.threads < 1):
-        raise UserError("eval.seqs, eval.prefill_tokens, eval.decode_tokens and eval.threads must be >= 1 "
-                        "and eval.seq_len >= 2")
-    if (e.limit is not None and e.limit < 1) or (e.num_fewshot is not None and e.num_fewshot < 0) or e.ood_seqs < 1:
-        raise UserError("eval.limit and eval.ood_seqs must be >= 1 and eval.num_fewshot >= 0")
     if e.ood not in (None, "builtin", "none") and not Path(e.ood).expanduser().is_file():
         raise UserError(f"eval.ood={e.ood} is not a file; give a .txt or .jsonl of out-of-domain text, "
                         f"builtin (Python's own source code) or none")
-    if cfg.quantize.imatrix and cfg.quantize.imatrix_tokens < 1:
-        raise UserError("quantize.imatrix_tokens must be >= 1, e.g. 4096 (or quantize.imatrix=false)")
-    _validate_onnx_bnb(cfg)
+    if cfg.quantize.onnx and cfg.export.onnx is None:
+        raise UserError("quantize.onnx needs the fp32 ONNX it starts from; add export.onnx=fp32")
+    if cfg.export.layout is not None and cfg.export.onnx is None:
+        raise UserError("export.layout=transformers.js lays out ONNX files; add export.onnx=fp32")
     if cfg.export.gguf is None:
         if cfg.quantize.gguf:
             raise UserError("quantize.gguf needs the unquantized GGUF it starts from; set export.gguf=F16 "
                             "or quantize.gguf=[]")
         return
-    from .quantize.types import QUANTIZED, UNQUANTIZED, check_gguf_types   # the single table of formats
-    check_gguf_types([cfg.export.gguf], "export.gguf")
-    check_gguf_types(cfg.quantize.gguf, "quantize.gguf")
+    UNQUANTIZED, QUANTIZED = export_types("gguf"), quant_types("gguf")
+    for key, names in (("export.gguf", [cfg.export.gguf]), ("quantize.gguf", cfg.quantize.gguf)):
+        for n in map(str, names):
+            if n not in UNQUANTIZED + QUANTIZED:
+                raise UserError(f"unknown GGUF type {key}={n}{closest(n, UNQUANTIZED + QUANTIZED)}; "
+                                f"supported: {', '.join(UNQUANTIZED + QUANTIZED)}")
     if str(cfg.export.gguf) not in UNQUANTIZED:
         raise UserError(f"export.gguf={cfg.export.gguf} is a quantized type; export writes one of "
                         f"{', '.join(UNQUANTIZED)} and quantize.gguf=[...] lists the quantized types")
@@ -369,27 +401,6 @@ def validate(cfg: RunConfig) -> None:
         if str(q) not in QUANTIZED:
             raise UserError(f"quantize.gguf lists {q}, which is not a quantized type; it is made by "
                             f"export.gguf={q}: drop it from quantize.gguf")
-
-
-ONNX_PRECISIONS, ONNX_QUANTS, BNB_QUANTS, LAYOUTS = ("fp32",), ("int8", "int4"), ("int8", "nf4"), ("transformers.js",)
-
-
-def _validate_onnx_bnb(cfg: RunConfig) -> None:
-    e, q = cfg.export, cfg.quantize
-    if e.onnx is not None and str(e.onnx) not in ONNX_PRECISIONS:
-        raise UserError(f"export.onnx={e.onnx} is not supported; use export.onnx=fp32 (int8/int4 go in quantize.onnx)")
-    for key, values, valid in (("quantize.onnx", q.onnx, ONNX_QUANTS), ("quantize.bnb", q.bnb, BNB_QUANTS)):
-        for v in values:
-            if str(v) not in valid:
-                raise UserError(f"{key} lists '{v}'{closest(str(v), list(valid))}; it takes {', '.join(valid)}")
-    if q.onnx and e.onnx is None:
-        raise UserError("quantize.onnx needs the fp32 ONNX it starts from; add export.onnx=fp32")
-    if q.onnx_block is not None and q.onnx_block not in (16, 32, 64, 128, 256):
-        raise UserError(f"quantize.onnx_block={q.onnx_block} must be 16, 32, 64, 128 or 256 (or unset to pick one)")
-    if e.layout is not None and str(e.layout) not in LAYOUTS:
-        raise UserError(f"export.layout={e.layout}{closest(str(e.layout), list(LAYOUTS))}; it takes {', '.join(LAYOUTS)}")
-    if e.layout is not None and e.onnx is None:
-        raise UserError("export.layout=transformers.js lays out ONNX files; add export.onnx=fp32")
 
 
 def resolved_threads(cfg: RunConfig) -> int:

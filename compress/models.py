@@ -276,19 +276,3 @@ def save_hf(model, tokenizer, out: Path) -> None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out)) from None
     tokenizer.save_pretrained(out)
-
-
-def run(cfg, src, out: Path):
-    """Teacher stage: resolve teacher=, load it, save it as an HF artifact the later stages share."""
-    from . import artifacts
-    path, gguf_file = resolve_teacher(cfg.teacher)
-    tok = load_tokenizer(path, gguf_file, cfg.trust_remote_code)
-    model = load_model(path, gguf_file, cfg.trust_remote_code)
-    with artifacts.writing(out, stage="teacher", config={"teacher": cfg.teacher}, parents=[],
-                           format="hf", quant="fp32") as (tmp, meta):
-        save_hf(model, tok, tmp)
-        meta["params"] = count_params(model)
-        meta["metrics"] = {"source": cfg.teacher,
-                           "source_gguf": str(Path(path) / gguf_file) if gguf_file else None,
-                           "arch": model.config.model_type, "layers": model.config.num_hidden_layers}
-    return artifacts.load(out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -20,39 +21,59 @@ from .config import RunConfig
 console = Console(stderr=True)
 
 
+@dataclass
+class Step:
+    """One artifact of a run as the runner decided it: reused, or (re)made."""
+    name: str
+    stage: str
+    keys: tuple        # the config keys the stage declares
+    parents: list      # parent artifact names
+    redo: bool
+
+
 class Runner:
-    """Runs stage functions with resume/skip logic and a one-line log per stage."""
+    """Runs declared stages (compress/stage.py) with resume/skip logic and a one-line log per stage.
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    A stage is reused when its artifact's hash (its declared config keys, params and parents)
+    matches; `dry=True` decides the same way without running anything: `plan(cfg)`.
+    """
+
+    def __init__(self, cfg: RunConfig, dry: bool = False):
+        self.cfg, self.dry = cfg, dry
         self.redone: set[str] = set()   # artifacts (re)made in this invocation
+        self.steps: list[Step] = []
 
-    def step(self, stage: str, out_name: str, fn, config: dict, parents: list, src=None, **inputs):
+    def step(self, fn, out_name: str, src=None, **inputs):
         from .distill import dist
-        if dist.world()[1] > 1 and stage != "distill":   # torchrun: rank 0 makes it, the others read it
-            if dist.is_main():
-                art = self._step(stage, out_name, fn, config, parents, src, **inputs)
+        if not self.dry and dist.world()[1] > 1 and fn.stage.name != "distill":
+            # torchrun: rank 0 makes it, the others read it
+            art = self._step(fn, out_name, src, **inputs) if dist.is_main() else None
             dist.barrier()
             return art if dist.is_main() else artifacts.load(self.cfg.run_dir / out_name)
         # distill runs on every rank: rank 0's reuse decision holds for all
-        return self._step(stage, out_name, fn, config, parents, src, agree=dist.broadcast, **inputs)
+        return self._step(fn, out_name, src, agree=dist.broadcast, **inputs)
 
-    def _step(self, stage: str, out_name: str, fn, config: dict, parents: list, src=None,
-              agree=lambda reuse: reuse, **inputs):
-        out = self.cfg.run_dir / out_name
-        parents = [p for p in parents if p is not None]
-        done = artifacts.find_done(out, stage, config, parents)
-        forced = self.cfg.force or (self.cfg.stages and stage in self.cfg.stages)
-        stale_parent = any(p.name in self.redone for p in parents)
-        if agree(bool(done and not forced and not stale_parent)):
+    def _step(self, fn, out_name: str, src=None, agree=lambda reuse: reuse, **inputs):
+        spec, out = fn.stage, self.cfg.run_dir / out_name
+        ident = spec.identity(self.cfg, src, **inputs)
+        done = artifacts.find_done(out, ident.stage, ident.config, ident.parents)
+        forced = self.cfg.force or (self.cfg.stages and spec.name in self.cfg.stages)
+        stale_parent = any(p.name in self.redone for p in ident.parents)
+        reuse = agree(bool(done and not forced and not stale_parent))
+        self.steps.append(Step(out_name, spec.name, spec.keys(self.cfg), [p.name for p in ident.parents], not reuse))
+        if reuse:
             done = done or artifacts.load(out)
-            console.print(f"[dim]✓ {stage:9s} {out_name} (done, reused)[/dim]")
+            if not self.dry:
+                console.print(f"[dim]✓ {spec.name:9s} {out_name} (done, reused)[/dim]")
             return done
+        self.redone.add(out_name)
+        if self.dry:   # what the artifact would be, for the steps that depend on it
+            return artifacts.Artifact(out, {"name": out_name, "hash": ident.hash, "stage": spec.name,
+                                            "format": spec.format})
         t0 = time.time()
-        console.print(f"[bold]▶ {stage:9s}[/bold] {out_name}")
+        console.print(f"[bold]▶ {spec.name:9s}[/bold] {out_name}")
         art = fn(self.cfg, src, out, **inputs)
-        self.redone.add(art.name)
-        console.print(f"[green]✓ {stage:9s}[/green] {out_name} ({time.time() - t0:.1f} s)")
+        console.print(f"[green]✓ {spec.name:9s}[/green] {out_name} ({time.time() - t0:.1f} s)")
         return art
 
 
@@ -66,10 +87,8 @@ def write_run_meta(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
-    from . import data, models, prune
-    from .distill import dist, student, train
-    from .evaluate import run as evaluate
-    from .evaluate.stage import config_of as evaluate_config
+    """Check, run every stage (reusing finished ones), write and print the report."""
+    from .distill import dist
     from .evaluate.tasks import check as check_tasks
     from .preflight import preflight
     from .report import print_table, write as write_report
@@ -82,32 +101,8 @@ def run(cfg: RunConfig) -> dict:
         write_run_meta(cfg)
         artifacts.clean_stale(cfg.run_dir)
     dist.barrier()
-    r = Runner(cfg)
-
-    teacher = r.step("teacher", "teacher", models.run, {"teacher": cfg.teacher}, [])
-    data_art = r.step("data", "data", data.run, data.config_of(cfg), [teacher], src=teacher)
-    if prune.has_targets(cfg):   # structured pruning derives the student instead of a layer subset
-        stud = r.step("prune", "pruned", prune.run, prune.config_of(cfg), [teacher, data_art],
-                      src=teacher, data=data_art)
-    else:
-        stud = r.step("student", "student", student.run, student.config_of(cfg), [teacher, data_art],
-                      src=teacher, data=data_art)
-    distilled = r.step("distill", "distilled", train.run, train.config_of(cfg), [stud, teacher, data_art],
-                       src=stud, teacher=teacher, data=data_art)
-    if not dist.leave():   # data-parallel distillation is done; rank 0 exports and evaluates
-        return {}
-    shipped = ship(r, "", distilled, teacher, data_art)
-    # The teacher itself, quantized: the baseline every distilled artifact has to beat.
-    baseline = ship(r, "teacher-", teacher, teacher, data_art) if cfg.quantize.teacher else []
-    if cfg.export.layout:   # one directory a browser app loads, from the evaluated ONNX artifacts
-        from .export import browser
-        onnx_arts = [a for a in shipped if a.meta["format"] == "onnx"]
-        r.step("layout", "browser", browser.run, browser.config_of(cfg), onnx_arts, src=onnx_arts)
-
-    for art in [teacher, stud, distilled, *shipped, *baseline]:
-        r.step("evaluate", f"eval-{art.name}", evaluate, evaluate_config(cfg), [art, teacher, data_art],
-               src=art, teacher=teacher, data=data_art)
-
+    if not stages(Runner(cfg)):
+        return {}   # a data-parallel rank other than 0: its part ended with distillation
     paths = write_report(cfg.run_dir)
     report = json.loads(Path(paths["json"]).read_text())
     print_table(report)
@@ -116,44 +111,82 @@ def run(cfg: RunConfig) -> dict:
     return report
 
 
+def plan(cfg: RunConfig) -> list[Step]:
+    """Every step a run of `cfg` would take, each marked reused or redone; nothing runs."""
+    r = Runner(cfg, dry=True)
+    stages(r)
+    return r.steps
+
+
+def stages(r: Runner) -> bool:
+    """The pipeline, in order. False on a data-parallel rank that stops after distillation."""
+    from . import data, teacher as teacher_stage
+    from .distill import dist, train
+    from .evaluate import reference
+    from .evaluate.stage import run as evaluate
+    from .student import prune, subset
+    cfg = r.cfg
+
+    teacher = r.step(teacher_stage.run, "teacher")
+    data_art = r.step(data.run, "data", src=teacher)
+    if prune.has_targets(cfg):   # structured pruning derives the student instead of a layer subset
+        stud = r.step(prune.run, "pruned", src=teacher, data=data_art)
+    else:
+        stud = r.step(subset.run, "student", src=teacher, data=data_art)
+    distilled = r.step(train.run, "distilled", src=stud, teacher=teacher, data=data_art)
+    if not r.dry and not dist.leave():   # data-parallel distillation is done; rank 0 goes on
+        return False
+    shipped = ship(r, "", distilled, teacher, data_art)
+    # The teacher itself, quantized: the baseline every distilled artifact has to beat.
+    baseline = ship(r, "teacher-", teacher, teacher, data_art) if cfg.quantize.teacher else []
+    if cfg.export.layout:   # one directory a browser app loads, from the evaluated ONNX artifacts
+        from .export import browser
+        r.step(browser.run, "browser", src=[a for a in shipped if a.meta["format"] == "onnx"])
+
+    ref = r.step(reference.run, reference.REFERENCE, src=teacher, data=data_art)
+    ood = r.step(reference.run_ood, reference.OOD_REFERENCE, src=teacher) if reference.has_ood(cfg.eval.ood) else None
+    for art in [teacher, stud, distilled, *shipped, *baseline]:
+        r.step(evaluate, f"eval-{art.name}", src=art, teacher=teacher, data=data_art, reference=ref, ood=ood)
+    return True
+
+
 def ship(r: Runner, prefix: str, hf, teacher, data_art) -> list:
-    """Every deployable artifact made from one HF artifact, in the formats the config asks for."""
+    """Every deployable artifact made from one HF artifact, in the formats the config asks for.
+
+    One branch per row of formats.FORMATS; the stage functions are the ones the row names.
+    """
     cfg = r.cfg
     arts = gguf_branch(r, prefix, hf, teacher, data_art) if cfg.export.gguf else []
     if cfg.export.onnx:
         arts += onnx_branch(r, prefix, hf, teacher)
-    if cfg.quantize.bnb:
-        from .quantize import bnb
-        arts += [r.step("quantize", f"{prefix}bnb-{q}", bnb.run, bnb.config_of(q), [hf], src=hf, qtype=q)
-                 for q in cfg.quantize.bnb]
+    arts += [r.step(stage_of("bnb", "quantize"), f"{prefix}bnb-{q}", src=hf, qtype=q) for q in cfg.quantize.bnb]
     return arts
+
+
+def stage_of(fmt: str, kind: str):
+    """The export or quantize stage function of a format (formats.FORMATS), imported when first used."""
+    from importlib import import_module
+    from .formats import FORMATS
+    return import_module(getattr(FORMATS[fmt], f"{kind}_module")).run
 
 
 def onnx_branch(r: Runner, prefix: str, hf, teacher) -> list:
     """HF artifact -> fp32 ONNX with KV cache, and one MatMulNBits artifact per type beside it."""
-    from .export import onnx as export_onnx
-    from .quantize import onnx as quantize_onnx
     cfg = r.cfg
-    fp32 = r.step("export", f"{prefix}onnx-{cfg.export.onnx}", export_onnx.run, export_onnx.config_of(cfg),
-                  [hf, teacher], src=hf, teacher=teacher)
-    quants = [r.step("quantize", f"{prefix}onnx-{q}", quantize_onnx.run, quantize_onnx.config_of(cfg, q),
-                     [hf, fp32], src=hf, qtype=q, fp32=fp32)
+    fp32 = r.step(stage_of("onnx", "export"), f"{prefix}onnx-{cfg.export.onnx}", src=hf, teacher=teacher)
+    quants = [r.step(stage_of("onnx", "quantize"), f"{prefix}onnx-{q}", src=hf, qtype=q, fp32=fp32)
               for q in cfg.quantize.onnx]
     return [fp32, *quants]
 
 
 def gguf_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
     """HF artifact -> GGUF export -> importance matrix -> one artifact per quantized type."""
-    from .export import gguf as export_gguf
-    from .quantize import gguf as quantize_gguf, imatrix
+    from .quantize import imatrix
     cfg = r.cfg
-    f16 = r.step("export", f"{prefix}gguf-{cfg.export.gguf}", export_gguf.run, export_gguf.config_of(cfg),
-                 [hf, teacher], src=hf, teacher=teacher)
+    f16 = r.step(stage_of("gguf", "export"), f"{prefix}gguf-{cfg.export.gguf}", src=hf, teacher=teacher)
     imat = None
     if cfg.quantize.gguf and cfg.quantize.imatrix:
-        imat = r.step("imatrix", f"{prefix}imatrix", imatrix.run, imatrix.config_of(cfg),
-                      [hf, data_art], src=hf, data=data_art)
-    quants = [r.step("quantize", f"{prefix}gguf-{q}", quantize_gguf.run, quantize_gguf.config_of(q, imat),
-                     [f16, imat], src=f16, qtype=q, imatrix=imat)
+        imat = r.step(imatrix.run, f"{prefix}imatrix", src=hf, data=data_art)
+    quants = [r.step(stage_of("gguf", "quantize"), f"{prefix}gguf-{q}", src=f16, qtype=q, imatrix=imat)
               for q in cfg.quantize.gguf]
     return [f16, *quants]

@@ -18,14 +18,9 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
+from .formats import bits as fbits
 
 MB = 2**20
-# Bits per weight of each GGUF type: block bytes * 8 / weights per block (Q8_0: 34 B per 32);
-# the k-quant mixes (_M, _S) as llama.cpp reports them for whole models.
-BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q5_0": 5.5,
-        "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_M": 3.9, "Q2_K": 3.4}
-# ONNX MatMulNBits and bitsandbytes types, scales and unquantized embeddings included (upper bounds).
-BITS_8_4 = {"int8": 13, "int4": 5, "nf4": 6}
 # Resident before any weights: Python + torch + transformers + llama.cpp imported measure ~255 MB;
 # the rest covers tokenizers, llama.cpp contexts and allocator slack.
 OVERHEAD_MB = 500
@@ -179,9 +174,10 @@ def estimate(teacher: dict, knobs: dict, student: dict | None = None) -> dict:
     ram = OVERHEAD_MB * MB + max(load, evaluate, held, 0 if on_gpu else ranks * distill)
 
     def shipped_bytes(n):   # every shipped format of one model: GGUF, ONNX (fp32 + quants), bitsandbytes
-        bits = (BITS.get(knobs["export"], 16) + sum(BITS.get(q, 8) for q in knobs["quants"])) if knobs["export"] else 0
-        bits += (32 + sum(BITS_8_4[q] for q in knobs.get("onnx_quants", []))) if knobs.get("onnx") else 0
-        bits += sum(BITS_8_4[q] for q in knobs.get("bnb_quants", []))
+        bits = (fbits("gguf", knobs["export"]) + sum(fbits("gguf", q, 8) for q in knobs["quants"])) if knobs["export"] else 0
+        bits += (fbits("onnx", knobs["onnx"]) + sum(fbits("onnx", q) for q in knobs.get("onnx_quants", []))) \
+            if knobs.get("onnx") else 0
+        bits += sum(fbits("bnb", q) for q in knobs.get("bnb_quants", []))
         return n * bits / 8
     disk = (4 * P + 8 * S + (12 * S if train else 0) + shipped_bytes(S)
             + (shipped_bytes(P) if knobs["teacher_quants"] else 0)

@@ -295,7 +295,7 @@ def teacher_art(tokenizer, tmp_path):
 
 
 def test_student_with_another_tokenizer(tmp_path, tokenizer, teacher_art, tiny_data):
-    from compress.distill import student
+    from compress.student import subset as student
     from compress.models import load_tokenizer
     other = load_tokenizer(str(teacher_art.path))
     other.add_tokens(["<not-in-the-teacher>"])
@@ -317,13 +317,10 @@ def test_student_with_another_tokenizer(tmp_path, tokenizer, teacher_art, tiny_d
 
 def test_generated_data_all_filtered(tmp_path, teacher_art, monkeypatch):
     """Every teacher answer is rejected (repetitive): the data stage says so instead of training on nothing."""
-    import hashlib
     from compress import data
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
     cfg = load_config([f"out={tmp_path}", "name=run", "gen.prompts=4"])
-    key = hashlib.sha256(json.dumps([teacher_art.meta["config"], data.config_of(cfg)],
-                                         sort_keys=True).encode()).hexdigest()[:16]
-    cache = tmp_path / "cache" / "data" / f"generated-{key}.jsonl"
+    cache = data.generated_cache(teacher_art, cfg)
     cache.parent.mkdir(parents=True)
     data.write_jsonl(cache, [{"prompt": f"p{i}", "response": "la " * 50, "finished": True} for i in range(4)])
     with pytest.raises(UserError, match="0 usable examples after filtering"):
@@ -407,7 +404,7 @@ def test_unreadable_checkpoint(tmp_path, tokenizer, tiny_data):
     run_dir = prepare_run(tmp_path, tokenizer, tiny_data, "ck")
     cfg = load_config([f"out={tmp_path}", "name=ck", "distill.tokens=256", "distill.seq_len=32", "distill.batch=2"])
     src, teacher, data = (artifacts.load(run_dir / n) for n in ("student", "teacher", "data"))
-    h = artifacts.expected_hash("distill", train.config_of(cfg), [src, teacher, data])
+    h = train.run.stage.identity(cfg, src, teacher=teacher, data=data).hash
     ckpt = run_dir / "checkpoints" / f"distilled-{h}" / "checkpoint.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"PK\x03\x04 half a zip")
@@ -434,7 +431,8 @@ def test_fsdp_batch_not_divisible_by_ranks_is_one_line_before_any_stage(monkeypa
 
 
 def test_estimate_adds_up_what_the_stages_hold_and_write():
-    from compress.preflight import BITS, LOGIT_COPIES, MB, OVERHEAD_MB, estimate
+    from compress.formats import GGUF_QUANT
+    from compress.preflight import LOGIT_COPIES, MB, OVERHEAD_MB, estimate
     k = knobs(student_layers=15, batch=4, grad_accum=2, seq_len=256, quants=["Q8_0", "Q4_0"],
               teacher_quants=False, eval_seqs=16, eval_seq_len=128, tokens=1000)
     P, E = SMOL["params"], SMOL["embed"]
@@ -442,7 +440,7 @@ def test_estimate_adds_up_what_the_stages_hold_and_write():
     need = estimate(SMOL, k)
     logits = LOGIT_COPIES * min(2 * 256, k["chunk"]) * 49152 * 4   # the loss runs chunk by chunk
     assert need["ram_mb"] == pytest.approx(OVERHEAD_MB + max(8 * P, 4 * P + 16 * S + logits) / MB)
-    files = 4 * P + 8 * S + 12 * S + S * (16 + BITS["Q8_0"] + BITS["Q4_0"]) / 8 + 16 * 128 * 49152 * 2
+    files = 4 * P + 8 * S + 12 * S + S * (16 + GGUF_QUANT["Q8_0"].bits + GGUF_QUANT["Q4_0"].bits) / 8 + 16 * 128 * 49152 * 2
     assert need["disk_mb"] == pytest.approx(files / MB) and need["vram_mb"] == 0
     # no distillation: no optimizer, no checkpoint; quantizing the teacher adds its GGUFs
     assert estimate(SMOL, {**k, "tokens": 0})["disk_mb"] == pytest.approx((files - 12 * S) / MB)

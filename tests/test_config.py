@@ -94,3 +94,36 @@ def test_every_subpackage_is_declared_for_installation():
     declared = set(re.findall(r'"(compress[\w.]*)"', (root / "pyproject.toml").read_text()))
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "compress").rglob("__init__.py")}
     assert found <= declared, found - declared
+
+
+def test_readme_key_table_is_generated_from_the_config():
+    """README's "Configuration keys" section holds exactly keys_markdown(); regenerate it with
+    python -c "from compress.config import keys_markdown; print(keys_markdown())"."""
+    from pathlib import Path
+    from compress.config import keys_markdown
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Configuration keys\n", 1)[1].split("\n## ", 1)[0]
+    assert keys_markdown() in section, "README's key table differs from compress.config: regenerate it"
+
+
+def test_every_key_has_help_and_its_limits_read_well():
+    from compress.config import RunConfig
+    from compress.keys import rows, walk
+    for key, f in walk(RunConfig):
+        assert f.metadata.get("help", "").strip(), f"{key} has no help text: declare it with key(default, help)"
+    listed = {k: v for k, _, v, _ in rows(RunConfig)}
+    assert listed["distill.lr"] == "in (0, 1)" and listed["distill.seq_len"] == ">= 8"
+    assert listed["distill.warmup"] == "in [0, 1)" and listed["quantize.bnb"] == "any of int8, nf4"
+
+
+def test_limits_come_from_the_fields():
+    """A choice or range declared on a field is checked with no hand-written code for it."""
+    from compress.config import RunConfig
+    from compress.keys import check_key, walk
+    fields = dict(walk(RunConfig))
+    with pytest.raises(UserError, match=r"depth_metric='los' \(did you mean 'loss'\?\); it takes block_influence, loss"):
+        check_key("prune.depth_metric", fields["prune.depth_metric"], "los")
+    with pytest.raises(UserError, match=r"distill.chunk=0 is out of range; distill.chunk must be >= 1"):
+        check_key("distill.chunk", fields["distill.chunk"], 0)
+    check_key("distill.chunk", fields["distill.chunk"], None)   # unset keys are not checked
+    check_key("quantize.onnx", fields["quantize.onnx"], ["int8", "int4"])

@@ -12,7 +12,7 @@ import torch
 
 from compress import artifacts
 from compress.config import load_config
-from compress.distill.student import block_influence, even_layers, keep_layers
+from compress.student.subset import block_influence, even_layers, keep_layers
 from compress.models import load_model
 from conftest import make_tiny, save_hf_artifact
 

@@ -58,6 +58,9 @@ def test_run_writes_every_artifact_and_a_complete_report(phone_run):
     assert arts["teacher-gguf-Q8_0"]["quality"]["kld"] < 0.05
     assert arts["teacher-gguf-Q8_0"]["quality"]["top1"] > 0.9
     assert "recommended" in report
+    cost = {r["name"]: r["cost"] for r in report["compression"]}["gguf-Q4_K_M"]   # what the recipe took
+    assert {"teacher", "data", "student", "distill", "export", "imatrix", "quantize"} == set(cost["stages"])
+    assert cost["stages"]["distill"]["wall_s"] > 0 and cost["peak_rss_mb"] > 100 and "distill" in cost["summary"]
     if (SHARED / "arc_easy").is_dir():   # the phone profile's task, on every artifact, in its runtime
         for a in arts.values():
             t = a["quality"]["tasks"]["arc_easy"]
@@ -78,6 +81,15 @@ def test_warm_rerun_skips_every_stage(phone_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "▶" not in proc.stderr, proc.stderr          # nothing re-made
     assert proc.stderr.count("reused") >= 20
+
+
+def test_every_key_redoes_exactly_the_stages_that_read_it(phone_run):
+    """Each config key changed in turn: the runner's plan redoes the stages that declare it (the
+    only keys a stage can read) and what depends on them, and reuses everything else."""
+    from test_contracts import check_every_key
+    cwd, _, _ = phone_run
+    base = ["profile=phone", "name=tiny", f"out={cwd / 'runs'}", *TINY]
+    assert check_every_key(base, cwd / "runs" / "tiny") > 60
 
 
 def test_changed_quant_list_only_adds_the_new_artifact(phone_run):
@@ -127,9 +139,9 @@ def test_unsupported_architecture_and_empty_data_are_one_line_errors(tmp_path, t
 
 
 def test_local_hf_directory_works_as_teacher(tmp_path, tiny_llama):
-    from compress import models
+    from compress import teacher
     from compress.config import load_config
     cfg = load_config([f"teacher={tiny_llama.path}", f"out={tmp_path}", "name=local"])
-    art = models.run(cfg, None, tmp_path / "local" / "teacher")
+    art = teacher.run(cfg, None, tmp_path / "local" / "teacher")
     assert art.meta["format"] == "hf" and art.meta["metrics"]["source_gguf"] is None
     assert art.meta["params"] == tiny_llama.meta["params"]

@@ -14,7 +14,7 @@ from compress import artifacts
 from compress.config import load_config
 from compress.errors import UserError
 from compress.evaluate import quality
-from compress.evaluate.stage import heldout_ids
+from compress.evaluate.reference import heldout_ids
 
 from conftest import make_tiny, save_data_artifact, save_hf_artifact
 

@@ -126,7 +126,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
     has a NaN loss; training stops there and the checkpoint from before it stays, all finite."""
     from compress.data import read_texts
     from compress.distill import train
-    from compress.distill.student import keep_layers
+    from compress.student.subset import keep_layers
     seq_len, batch, every, steps = 32, 2, 2, 8
     teacher = make_tiny(tokenizer, layers=2, tie=False, seed=1)
     run = tmp_path / "nan"

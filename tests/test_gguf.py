@@ -100,7 +100,8 @@ def test_f16_round_trip_matches_hf(exported, llama_model, ids):
     assert top1 >= 0.99
     assert f16.meta["quant"] == "F16" and f16.meta["format"] == "gguf"
     assert f16.meta["params"] == sum(p.numel() for p in llama_model.parameters())
-    assert artifacts.find_done(f16.path, "export", export_gguf.config_of(cfg_for()), [exported[0]])
+    ident = export_gguf.run.stage.identity(cfg_for(), exported[0])
+    assert artifacts.find_done(f16.path, ident.stage, ident.config, ident.parents)
 
 
 def test_round_trip_fails_without_qk_permutation(llama_model, tokenizer, ids, tmp_path, monkeypatch):
@@ -266,7 +267,7 @@ def test_imatrix_keys_are_gguf_matrices(exported, calibrated):
     for name, values in matrix.items():
         assert values.shape == (shapes[name][0],) and np.all(values > 0), name     # [in_features]
     assert calibrated.meta["metrics"] == {"tokens": 1024, "tensors": len(matrix)}
-    assert calibrated.meta["config"] == {"imatrix_tokens": 1024}
+    assert calibrated.meta["config"] == {"quantize.imatrix_tokens": 1024}
 
 
 # Random Gaussian weights have no structure for 4 bits to keep, so Q4_0 drifts far more here
@@ -280,9 +281,9 @@ def test_quantize_with_imatrix(exported, calibrated, ids, tmp_path, capfd, qtype
     assert m["imatrix"] is True and m["tensors"]["blk.0.attn_q.weight"] == qtype
     assert m["tensors"]["blk.0.attn_norm.weight"] == "F32" and sum(m["tensor_types"].values()) == len(m["tensors"])
     assert m["fallbacks"] == (1 if qtype == "Q4_0" else 0)     # tied output wants Q6_K; width 64 < 256
-    assert art.meta["config"] == {"type": qtype, "imatrix": True, "imatrix_tokens": 1024}
-    assert artifacts.find_done(art.path, "quantize", quantize_gguf.config_of(qtype, calibrated),
-                               [f16, calibrated])       # the pipeline's resume check finds it
+    assert art.meta["config"] == {"qtype": qtype}    # the imatrix (1024 tokens) is a parent
+    ident = quantize_gguf.run.stage.identity(cfg_for(), f16, qtype=qtype, imatrix=calibrated)
+    assert artifacts.find_done(art.path, ident.stage, ident.config, ident.parents)   # the pipeline's resume check finds it
     assert [p["name"] for p in art.meta["parents"]] == ["gguf-F16", "imatrix"]
     assert (art.path / "Modelfile").read_text() == (f16.path / "Modelfile").read_text()
     assert "importance matrix" in (art.path / "quantize.log").read_text()
@@ -298,7 +299,7 @@ def test_imatrix_changes_q4_0(exported, calibrated, ids, tmp_path):
     _, f16 = exported
     with_im = quantize_gguf.run(cfg_for(), f16, tmp_path / "with", qtype="Q4_0", imatrix=calibrated)
     without = quantize_gguf.run(cfg_for(), f16, tmp_path / "without", qtype="Q4_0")
-    assert without.meta["metrics"]["imatrix"] is False and without.meta["config"]["imatrix_tokens"] is None
+    assert without.meta["metrics"]["imatrix"] is False and [p["name"] for p in without.meta["parents"]] == ["gguf-F16"]
     assert with_im.meta["metrics"]["tensors"] == without.meta["metrics"]["tensors"]
     assert with_im.file.read_bytes() != without.file.read_bytes()
     # Weighting rounding errors by activation energy keeps the output closer (measured 0.27 vs 0.30).

@@ -139,3 +139,10 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
     assert got == pytest.approx(want, rel=1e-6)
     for n, g in grads(a).items():
         assert torch.allclose(grads(b)[n], g, atol=1e-6, rtol=1e-5), n
+
+
+def test_every_loss_term_names_a_function_in_losses():
+    from compress.distill.spec import TERMS
+    for name, t in TERMS.items():
+        assert callable(getattr(losses, t.fn, None)), f"{name}: losses.{t.fn}"
+        assert t.teacher in ("dist", "topk", "hidden", None) and (not t.tempered or t.teacher == "dist"), name

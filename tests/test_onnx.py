@@ -188,6 +188,9 @@ def test_onnx_eval_in_a_pipeline_run_and_report(tokenizer, tiny_data, tmp_path):
     again = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
                            cwd=Path(__file__).resolve().parents[1])
     assert again.returncode == 0 and "▶" not in again.stderr, again.stderr[-2000:]
+    # Every config key changed in turn redoes exactly its readers and what depends on them.
+    from test_contracts import check_every_key
+    assert check_every_key(args[1:], tmp_path / "r") > 40
     # ... and redoes one whose weights file was damaged after it was finished.
     with open(tmp_path / "r" / "onnx-int4" / "model.onnx_data", "ab") as f:
         f.write(b"\0")

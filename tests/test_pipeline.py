@@ -4,25 +4,25 @@ import pytest
 from compress import artifacts
 from compress.config import load_config
 from compress.pipeline import Runner
+from compress.stage import stage
 
 
-def make_stage(calls, stage):
+def make_stage(calls, name, inputs=()):
+    @stage(name, inputs=inputs, reads=("distill.tokens",), format="hf")
     def fn(cfg, src, out, **inputs):
         calls.append(out.name)
-        with artifacts.writing(out, stage=stage, config={"v": cfg.distill.tokens}, format="hf",
-                               parents=[src, *inputs.values()]) as (tmp, meta):
-            (tmp / "weights.bin").write_bytes(b"x" * 10)
+        with artifacts.writing(out) as (tmp, meta):
+            (tmp / "weights.bin").write_bytes(b"x" * cfg.distill.tokens)
         return artifacts.load(out)
     return fn
 
 
 def pipeline(cfg, calls):
     r = Runner(cfg)
-    conf = {"v": cfg.distill.tokens}
-    a = r.step("teacher", "a", make_stage(calls, "teacher"), conf, [])
-    b = r.step("distill", "b", make_stage(calls, "distill"), conf, [a], src=a)
-    c = r.step("evaluate", "c", make_stage(calls, "evaluate"), conf, [a], src=a)
-    d = r.step("export", "d", make_stage(calls, "export"), conf, [b], src=b)
+    a = r.step(make_stage(calls, "teacher"), "a")
+    b = r.step(make_stage(calls, "distill"), "b", src=a)
+    c = r.step(make_stage(calls, "evaluate"), "c", src=a)
+    d = r.step(make_stage(calls, "export"), "d", src=b)
     return a, b, c, d
 
 
@@ -56,6 +56,19 @@ def test_stages_redo_a_stage_and_its_dependents_only(tmp_path):
     calls.clear()
     pipeline(cfg_for(tmp_path, "force=true"), calls)
     assert calls == ["a", "b", "c", "d"]
+
+
+def test_runner_records_what_each_artifact_cost(tmp_path):
+    from compress.report.quality import cost
+    a, b, c, d = pipeline(cfg_for(tmp_path), [])
+    for art in (a, b, c, d):
+        assert art.meta["cost"]["device"] == "cpu" and art.meta["cost"]["wall_s"] >= 0
+        assert art.meta["cost"]["peak_rss_mb"] > 10     # this Python process, at least
+    got = cost("d", {x.name: x.meta for x in (a, b, c, d)})
+    assert list(got["stages"]) == ["teacher", "distill", "export"]   # c (evaluate) is not in d's recipe
+    assert got["total_s"] == pytest.approx(sum(x.meta["cost"]["wall_s"] for x in (a, b, d)), abs=0.01)
+    assert got["summary"].startswith("teacher ") and " + distill " in got["summary"]
+    assert b.meta["config"] == {"distill.tokens": 5} and [p["name"] for p in d.meta["parents"]] == ["b"]
 
 
 def test_failed_write_leaves_nothing_that_looks_finished(tmp_path):

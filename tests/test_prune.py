@@ -17,15 +17,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress import artifacts, prune
+from compress import artifacts
+from compress.student import prune
 from compress.config import load_config
 from compress.data import read_texts
 from compress.errors import UserError
 from compress.models import count_params
-from compress.prune.depth import drop_layers
-from compress.prune.importance import calib_ids, depth_scores, group_scores, width_scores
-from compress.prune.solver import MLP_FLOOR, Dims, parse_params, resolve
-from compress.prune.width import keep_hidden, keep_kv_groups, keep_mlp
+from compress.student.depth import drop_layers
+from compress.student.importance import calib_ids, depth_scores, group_scores, width_scores
+from compress.student.solver import MLP_FLOOR, Dims, parse_params, resolve
+from compress.student.width import keep_hidden, keep_kv_groups, keep_mlp
 from conftest import make_tiny, save_hf_artifact
 
 ARCHS = ["llama", "qwen2"]

@@ -176,8 +176,9 @@ def test_gguf_f16_scores_within_one_stderr_of_hf_and_report_shows_tasks(tiny_pai
     md = write(run_dir)["md"].read_text()
     assert "## Benchmark tasks" in md and "## Robustness" in md and "## Compression vs the teacher" in md
     # Same config again: the evaluation is reused (tasks are part of the stage's config).
-    from compress.evaluate.stage import config_of
-    assert artifacts.find_done(run_dir / "eval-gguf-F16", "evaluate", config_of(cfg), [f16, hf, tiny_data])
+    from compress.evaluate.stage import run as evaluate
+    ident = evaluate.stage.identity(cfg, f16, teacher=hf, data=tiny_data)
+    assert artifacts.find_done(run_dir / "eval-gguf-F16", ident.stage, ident.config, ident.parents)
 
 
 @needs_data

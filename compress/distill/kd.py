@@ -10,13 +10,17 @@ equal the unchunked computation (tests/test_kd.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from . import losses
-from .spec import TEMPERED
+from .spec import TERMS
+
+# The per-token terms are computed in this order of kinds (spec.Term.teacher): the sum, and so the
+# numbers, do not depend on the order distill.loss lists the terms in.
+PER_TOKEN = ("dist", "topk", None)
 
 
 @dataclass
@@ -61,41 +65,34 @@ def chunked_loss_backward(h_s, head_s, teachers: Teachers, ids, terms: dict, T: 
     h = h_s.detach().reshape(B * S, -1).requires_grad_(True)          # [N, H_s]: gradient collects here
     labels = next_token_labels(ids)                                    # [N]
     n_all, n_ce = B * S, max(1, int((labels != -100).sum()))
-    t_hidden = [t.reshape(B * S, -1) for t in teachers.hidden]         # [N, H_t] each
-    cached = None if teachers.cached is None else tuple(c.reshape(B * S, -1) for c in teachers.cached)
+    norm = {n: n_ce if TERMS[n].teacher is None else n_all for n in terms}
+    flat = replace(teachers, hidden=[t.reshape(B * S, -1) for t in teachers.hidden],          # [N, H_t] each
+                   cached=None if teachers.cached is None else tuple(c.reshape(B * S, -1) for c in teachers.cached))
+    per_token = [n for kind in PER_TOKEN for n in terms if TERMS[n].teacher == kind]
+    kinds = {TERMS[n].teacher for n in per_token}
     parts = {name: 0.0 for name in terms}
     total = 0.0
-    logit_terms = [n for n in terms if n in TEMPERED or n in ("topk", "ce")]
-    for lo in range(0, n_all if logit_terms else 0, chunk):
+    for lo in range(0, n_all if per_token else 0, chunk):
         sl = slice(lo, lo + chunk)
         z = head_s(h[sl])[:, :vocab].float()                           # [c, V] student logits
+        inputs = chunk_inputs(kinds, z, labels[sl], flat, sl, vocab, T, top_k)
         vals = {}
-        if any(n in TEMPERED for n in terms):
-            s_logp_T = F.log_softmax(z / T, dim=-1)
-            t_logp_T = teacher_logp(teachers, t_hidden, sl, vocab, T)
-            for n in terms:
-                if n in TEMPERED:
-                    vals[n] = term(n, s_logp_T, t_logp_T, beta) * T * T
-        if "topk" in terms:
-            if cached is not None:
-                t_idx, t_val = cached[0][sl], cached[1][sl].float()
-            else:
-                t_val, t_idx = teacher_logp(teachers, t_hidden, sl, vocab, 1.0).topk(top_k, dim=-1)
-            vals["topk"] = losses.topk_kl(F.log_softmax(z, dim=-1), t_idx, t_val)
-        if "ce" in terms:
-            vals["ce"] = losses.token_ce(z, labels[sl])
-        loss = sum(terms[n] * v.sum() / (n_ce if n == "ce" else n_all) for n, v in vals.items())
+        for n in per_token:
+            v = call(n, inputs[TERMS[n].teacher], beta)                # [c]
+            vals[n] = v * T * T if TERMS[n].tempered else v
+        loss = sum(terms[n] * v.sum() / norm[n] for n, v in vals.items())
         (loss * scale).backward()                                      # frees this chunk's logits
         total += float(loss.detach())
         for n, v in vals.items():
-            parts[n] += float(v.detach().sum()) / (n_ce if n == "ce" else n_all)
-    hidden = {n: w for n, w in terms.items() if n.startswith("hidden_")}
-    if hidden:
+            parts[n] += float(v.detach().sum()) / norm[n]
+    hidden = [n for n in terms if TERMS[n].teacher == "hidden"]
+    if hidden:   # on whole hidden states [N, H]: no logits, so no chunks
         hs = proj(h) if proj is not None else h
         loss = 0.0
-        for n, w in hidden.items():
-            v = getattr(losses, n)(hs, t_hidden[0].clone()).mean()     # the first teacher's; clone: out of inference mode
-            loss = loss + w * v
+        for n in hidden:
+            # the first teacher's hidden states; clone: out of inference mode, so autograd may save them
+            v = call(n, (hs, flat.hidden[0].clone()), beta).mean()
+            loss = loss + terms[n] * v
             parts[n] = float(v.detach())
         (loss * scale).backward()
         total += float(loss.detach())
@@ -104,19 +101,42 @@ def chunked_loss_backward(h_s, head_s, teachers: Teachers, ids, terms: dict, T: 
     return total, parts
 
 
-def teacher_logp(teachers: Teachers, t_hidden: list, sl: slice, vocab: int, T: float):
+def chunk_inputs(kinds: set, z, labels, flat: Teachers, sl: slice, vocab: int, T: float, top_k: int) -> dict:
+    """What each kind of per-token term (spec.Term.teacher) takes, for one chunk of c tokens.
+
+    z: student logits [c, V]; labels: [c]; flat: the teacher side with tokens flattened ([N, ...]).
+    Each input is made once per chunk, however many terms read it.
+    """
+    inputs = {}
+    if "dist" in kinds:   # student and teachers' mixture log-probs at temperature T, [c, V] each
+        inputs["dist"] = (F.log_softmax(z / T, dim=-1), teacher_logp(flat, sl, vocab, T))
+    if "topk" in kinds:   # at T=1: student log-probs [c, V]; teacher top-k ids [c, K] and log-probs [c, K]
+        if flat.cached is not None:
+            t_idx, t_val = flat.cached[0][sl], flat.cached[1][sl].float()
+        else:
+            t_val, t_idx = teacher_logp(flat, sl, vocab, 1.0).topk(top_k, dim=-1)
+        inputs["topk"] = (F.log_softmax(z, dim=-1), t_idx, t_val)
+    if None in kinds:     # the data: student logits [c, V], next-token labels [c]
+        inputs[None] = (z, labels)
+    return inputs
+
+
+def teacher_logp(flat: Teachers, sl: slice, vocab: int, T: float):
     """The teachers' mixture log-probs at temperature T for one chunk of tokens: [c, V]."""
     with torch.no_grad():
         logps = [F.log_softmax(head(h[sl])[:, :vocab].float() / T, dim=-1)
-                 for head, h in zip(teachers.heads, t_hidden)]
-        return losses.mix_teachers(logps, teachers.weights)
+                 for head, h in zip(flat.heads, flat.hidden)]
+        return losses.mix_teachers(logps, flat.weights)
+
+
+def call(name: str, inputs: tuple, beta: float):
+    """Term `name`'s function in losses.py (spec.TERMS) on the inputs its kind takes: [c] values."""
+    t = TERMS[name]
+    fn = getattr(losses, t.fn)
+    return fn(*inputs, beta) if t.beta else fn(*inputs)
 
 
 def term(name: str, s_logp, t_logp, beta: float):
-    if name == "fkl":
-        return losses.forward_kl(s_logp, t_logp)
-    if name == "rkl":
-        return losses.reverse_kl(s_logp, t_logp)
-    if name == "jsd":
-        return losses.generalized_jsd(s_logp, t_logp, beta)
-    return losses.tvd(s_logp, t_logp)
+    """A "dist" term's per-token values [N] on log-probs [N, V], before the T^2 scale (the tests'
+    whole-logits reference)."""
+    return call(name, (s_logp, t_logp), beta)

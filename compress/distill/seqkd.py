@@ -63,7 +63,7 @@ def load_prompts(cfg) -> list[tuple[str, str | None]]:
     """[(prompt, reference answer or None)] from distill.prompts, else the built-in prompts."""
     d = cfg.distill
     if d.prompts is None:
-        from ..prompts import builtin_prompts
+        from ..data.prompts import builtin_prompts
         return [(p, None) for p in builtin_prompts(cfg.gen.prompts, cfg.gen.seed)]
     path = Path(d.prompts).expanduser()
     if not path.is_file():

@@ -14,15 +14,20 @@ mode (bf16 on CUDA); several are averaged (teachers.py); or their top-k comes fr
 accumulation, bf16 autocast on CUDA and fp32 on CPU. Every `checkpoint_every` optimizer steps the
 model, optimizer, scheduler, RNG and data position are saved atomically; a killed run resumes from
 the last checkpoint.
+
+The loop, `train` below, reads top to bottom: setup (step.py: training mode, FSDP sharding,
+AdamW and schedule, resume), the teacher signal (teachers.py: live teachers, the top-k cache, or
+none), then per step the gradients (step.forward_backward), the NaN policy, the update
+(step.optimizer_step) and every `checkpoint_every` steps a checkpoint.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,15 +36,24 @@ from .. import artifacts
 from ..data import read_jsonl, read_texts, token_stream, write_jsonl
 from ..errors import UserError
 from ..models import count_params, load_model, load_tokenizer, save_hf
-from . import cache, dist, kd, seqkd, teachers
-from .losses import scheduled, warmup_cosine
-from .spec import DEFAULT_ALPHA, TERMS, parse_cache, parse_loss
+from ..stage import current, stage
+from . import cache, dist, seqkd, teachers
+from .losses import scheduled
+from .spec import DEFAULT_ALPHA, parse_cache, parse_loss
+# activation_checkpointing and student_continues are read from here by tests and bench/
+from .step import (activation_checkpointing, forward_backward, optimizer_step, save_checkpoint,  # noqa: F401
+                   setup, student_continues, summary)
 
 
-def config_of(cfg) -> dict:
-    return cfg.section("distill")
+SEQKD_GEN = ("gen.prompts", "gen.seed", "gen.max_new_tokens", "gen.temperature", "gen.top_p")
 
 
+def _reads(cfg) -> tuple:
+    # Sequence-level KD samples the teacher with the data stage's generation settings.
+    return ("distill", "trust_remote_code") + (SEQKD_GEN if cfg.distill.mode == "seqkd" else ())
+
+
+@stage("distill", inputs=("teacher", "data"), reads=_reads, format="hf")
 def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
         data: artifacts.Artifact) -> artifacts.Artifact:
     d = cfg.distill
@@ -49,8 +63,7 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
     seqs = pack(tok, read_texts(data, "train"), d.seq_len)
     check_positions(student, d.seq_len)
     steps = math.ceil(d.tokens / (d.batch * d.seq_len)) if d.tokens else 0
-    config = config_of(cfg)
-    ckpt_dir = out.parent / "checkpoints" / f"{out.name}-{artifacts.expected_hash('distill', config, [src, teacher, data])}"
+    ckpt_dir = out.parent / "checkpoints" / f"{out.name}-{current().hash}"
     rank, world = dist.world()
     full = None
     # under FSDP the student stays on the CPU: fully_shard moves one unit at a time to the device and
@@ -72,8 +85,7 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, teacher: artifacts.Artifact,
         student = load_model(str(src.path))
         student.load_state_dict(dist.student_state(full))
     if rank == 0:
-        with artifacts.writing(out, stage="distill", config=config, parents=[src, teacher, data],
-                               format="hf", quant="fp32") as (tmp, meta):
+        with artifacts.writing(out, quant="fp32") as (tmp, meta):
             save_hf(student.float().cpu(), tok, tmp)
             if steps and d.mode == "seqkd":
                 write_jsonl(tmp / "seqkd.jsonl", kept)
@@ -167,176 +179,50 @@ def terms_at(d, progress: float) -> dict[str, float]:
     return {n: w for n, w in terms.items() if w > 0}
 
 
-def projection(student, teacher_models, terms: dict):
-    """Linear(H_s -> H_t) for hidden-state terms when widths differ (trained, not shipped), else None."""
-    if not any(n.startswith("hidden_") for n in terms) or not teacher_models:
-        return None
-    hs, ht = student.config.hidden_size, teacher_models[0].config.hidden_size
-    return None if hs == ht else torch.nn.Linear(hs, ht, bias=False)
-
-
 def train(student, teacher_models: list, weights: list, seqs: torch.Tensor, d, steps: int, ckpt_dir: Path,
           device: str, vocab: int, store=None) -> tuple[dict, dict | None]:
-    """(stats, None), or under FSDP (stats, the whole root state dict on rank 0) since the student
-    itself is left sharded."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    """Train the placed student for `steps` optimizer steps on seqs [N, S]; the teacher side is
+    teacher_models with their mixture weights, or a top-k cache `store`, or neither (seqkd).
+    Returns (stats, None), or under FSDP (stats, the whole root state dict on rank 0) since the
+    student itself is left sharded."""
     torch.manual_seed(d.seed)
     random.seed(d.seed)
     rank, world = dist.world()
-    student.train()
-    if d.activation_checkpointing:
-        activation_checkpointing(student, True)
-    proj = projection(student, teacher_models, terms_at(d, 0.0))
-    if proj is not None:
-        proj.to(device)
-    body_s, head_s = kd.body_and_head(student)
-    root = None
-    if d.parallel == "fsdp" and world > 1:   # spec.check made distill.batch divisible by world
-        body_s = root = dist.shard(student, proj)
-    params = list(root.parameters()) if root is not None else \
-        list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
-    opt = torch.optim.AdamW(params, lr=d.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warm = int(d.warmup * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warm))
-    start, history = load_checkpoint(ckpt_dir, student, opt, sched, proj, root)
-    micro = max(1, d.batch // d.grad_accum)
-    # DDP sums the ranks' gradients; FSDP averages them, so each rank's share is scaled up by world
-    share = world if root is not None else 1
-    cuda = device.startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    bodies_t = [kd.body_and_head(m) for m in teacher_models]
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    s, start, history = setup(student, teacher_models, terms_at(d, 0.0), d, steps, device, vocab, ckpt_dir)
+    signal = teachers.signal(teacher_models, weights, store, device)
     t0, tokens_done = time.time(), 0
+    with progress_bar(steps, start, rank) as advance:
+        for step in range(start, steps):
+            progress = step / max(1, steps - 1)
+            T = scheduled(d.temperature, d.temperature_end, progress, d.schedule)
+            rows = batch_rows(len(seqs), step, d.batch, d.seed)[rank::world]   # this rank's share
+            loss = forward_backward(s, signal, seqs, rows, terms_at(d, progress), T, d, step)
+            if not math.isfinite(loss):   # stop before the update: the last checkpoint stays good
+                raise non_finite(loss, step, ckpt_dir)
+            optimizer_step(s)
+            tokens_done += d.batch * seqs.size(1)
+            history.append(round(loss, 4))
+            advance(loss, tokens_done / max(1e-9, time.time() - t0))
+            if (step + 1) % d.checkpoint_every == 0 and step + 1 < steps:
+                save_checkpoint(ckpt_dir, step + 1, s.student, s.opt, s.sched, history, s.proj, s.root)
+    return summary(s, d, start, history, tokens_done, t0)
+
+
+@contextmanager
+def progress_bar(steps: int, start: int, rank: int):
+    """A transient bar on rank 0; yields advance(loss, tokens per second), called once per step."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     cols = [TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
             TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
             TimeRemainingColumn()]
     with Progress(*cols, transient=True, disable=rank != 0) as bar:
         task = bar.add_task("distill", total=steps, completed=start, loss=float("nan"), tps=0.0)
-        for step in range(start, steps):
-            progress = step / max(1, steps - 1)
-            T = scheduled(d.temperature, d.temperature_end, progress, d.schedule)
-            terms = terms_at(d, progress)
-            rows = batch_rows(len(seqs), step, d.batch, d.seed)[rank::world]   # this rank's share
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for i in range(0, len(rows), max(1, micro // world)):
-                part = rows[i:i + max(1, micro // world)]
-                x = seqs[part].to(device)                                    # [b, seq_len]
-                if d.mode == "onpolicy" and on_policy_draw(d, step, i) < d.lmbda:
-                    x = student_continues(student, x, d.seed + step * 1000 + i)
-                with autocast:
-                    tb = kd.Teachers(weights=weights, heads=[h for _, h in bodies_t])
-                    if any(TERMS[n] in ("dist", "topk", "hidden") for n in terms) and store is None:
-                        with torch.inference_mode():
-                            tb.hidden = [body(input_ids=x).last_hidden_state for body, _ in bodies_t]   # [b, S, H_t]
-                    if store is not None:
-                        tb.cached = tuple(c.to(device) for c in cache.rows_of(store, part))
-                    h_s = body_s(input_ids=x).last_hidden_state              # [b, S, H_s]
-                    loss, _ = kd.chunked_loss_backward(h_s, head_s, tb, x, terms, T, vocab, d.beta, d.top_k,
-                                                       proj, d.chunk, scale=share * len(part) / d.batch)
-                total += loss * len(part) / d.batch
-            if root is None:
-                dist.all_reduce_grads(params)
-            total = dist.sum_scalar(total)
-            if not math.isfinite(total):
-                kept = (f"the last good checkpoint is kept in {ckpt_dir}" if (ckpt_dir / "checkpoint.pt").is_file()
-                        else "no checkpoint was reached yet")
-                raise UserError(f"distill loss became {total} at step {step} ({kept}); likely causes: a too high "
-                                f"distill.lr, non-finite teacher logits or fp16 overflow: lower distill.lr, then re-run")
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            tokens_done += d.batch * seqs.size(1)
-            history.append(round(total, 4))
-            tps = tokens_done / max(1e-9, time.time() - t0)
-            bar.update(task, advance=1, loss=total, tps=tps)
-            if (step + 1) % d.checkpoint_every == 0 and step + 1 < steps:
-                save_checkpoint(ckpt_dir, step + 1, student, opt, sched, history, proj, root)
-    student.eval()
-    if d.activation_checkpointing:
-        activation_checkpointing(student, False)
-    elapsed = time.time() - t0
-    out = {"resumed_from_step": start, "final_loss": history[-1] if history else None,
-           "loss_curve": history[:: max(1, len(history) // 50)],
-           "train_tokens_per_s": round(tokens_done / elapsed, 1) if elapsed > 0 and tokens_done else None}
-    if cuda:
-        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    if root is not None:   # how much of the trained state one rank holds
-        out["params_on_rank0"] = sum(p.to_local().numel() for p in params)
-    return out, (dist.full_state(root)[0] if root is not None else None)
+        yield lambda loss, tps: bar.update(task, advance=1, loss=loss, tps=tps)
 
 
-def activation_checkpointing(model, on: bool) -> None:
-    """Recompute the decoder layers' activations in backward (transformers >= 5.x names it
-    activation_checkpointing_*, earlier releases gradient_checkpointing_*)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-
-
-def on_policy_draw(d, step: int, i: int) -> float:
-    """A uniform draw fixed by (seed, step, micro-batch): a resumed run makes the same choices."""
-    return float(torch.rand(1, generator=torch.Generator().manual_seed(d.seed * 100_003 + step * 1009 + i)))
-
-
-@torch.no_grad()
-def student_continues(student, x, seed: int):
-    """GKD's on-policy data: keep the first half of each row [b, S] and let the student sample the
-    rest (temperature 1, no EOS stop, so the row keeps its length); the teacher then scores the
-    student's own tokens through the usual loss terms."""
-    half = x.size(1) // 2
-    torch.manual_seed(seed)
-    was_training = student.training
-    student.eval()
-    out = student.generate(x[:, :half], max_new_tokens=x.size(1) - half, min_new_tokens=x.size(1) - half,
-                           do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
-    student.train(was_training)
-    return out[:, :x.size(1)]
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history, proj=None, root=None) -> None:
-    """Everything needed to continue exactly: weights, optimizer, scheduler, RNG, data position.
-    Every rank calls it (under FSDP the state is gathered from all of them); rank 0 writes."""
-    if root is not None:
-        model_sd, opt_sd = dist.full_state(root, opt)
-    else:
-        model_sd, opt_sd = model.state_dict(), opt.state_dict()
-    if not dist.is_main():
-        return
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "sharded": root is not None, "model": model_sd, "optimizer": opt_sd,
-             "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-             "history": history, "proj": proj.state_dict() if proj is not None and root is None else None}
-    tmp = ckpt_dir / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt_dir / "checkpoint.pt")   # atomic: a kill leaves the previous one intact
-
-
-def load_checkpoint(ckpt_dir: Path, model, opt, sched, proj=None, root=None) -> tuple[int, list]:
-    path = ckpt_dir / "checkpoint.pt"
-    if not path.is_file():
-        return 0, []
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated/corrupt files
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart distillation") from None
-    if bool(state.get("sharded")) != (root is not None):
-        raise UserError(f"checkpoint {path} was written by a {'FSDP' if state.get('sharded') else 'one-process or DDP'} "
-                        f"run: resume it the same way, or delete it to restart distillation")
-    if root is not None:   # every rank read the whole state; each keeps its shard
-        dist.load_full_state(root, opt, state["model"], state["optimizer"])
-    else:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    if proj is not None and root is None and state.get("proj"):
-        proj.load_state_dict(state["proj"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"]), list(state["history"])
+def non_finite(loss: float, step: int, ckpt_dir: Path) -> UserError:
+    """The NaN policy's one-line error: where the last good state is, and what to change."""
+    kept = (f"the last good checkpoint is kept in {ckpt_dir}" if (ckpt_dir / "checkpoint.pt").is_file()
+            else "no checkpoint was reached yet")
+    return UserError(f"distill loss became {loss} at step {step} ({kept}); likely causes: a too high "
+                     f"distill.lr, non-finite teacher logits or fp16 overflow: lower distill.lr, then re-run")

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from .. import artifacts
+from ..stage import stage
 from .onnx import SIDE_FILES, resave
 
 # compress's quant name -> transformers.js file name for that dtype.
@@ -26,16 +27,12 @@ FILE_OF_QUANT = {"fp32": "model.onnx", "int8": "model_quantized.onnx", "int4": "
 DTYPE_OF_QUANT = {"fp32": "fp32", "int8": "q8", "int4": "q4"}
 
 
-def config_of(cfg) -> dict:
-    return {"layout": cfg.export.layout}
-
-
-def run(cfg, src, out, **_) -> artifacts.Artifact:
+@stage("layout", reads=("export.layout",), format="transformers.js")
+def run(cfg, src, out) -> artifacts.Artifact:
     """`src`: the ONNX artifacts of one model (fp32 first) -> one transformers.js directory."""
     arts = list(src)
     first = Path(arts[0].path)
-    with artifacts.writing(out, stage="layout", config=config_of(cfg), parents=arts, format="transformers.js",
-                           quant=None) as (tmp, meta):
+    with artifacts.writing(out) as (tmp, meta):
         (tmp / "onnx").mkdir()
         for art in arts:
             resave(art.file, tmp / "onnx" / FILE_OF_QUANT[art.meta["quant"]])

@@ -19,8 +19,9 @@ import gguf
 import numpy as np
 
 from .. import artifacts
+from ..stage import stage
 from ..errors import UserError
-from ..quantize.types import UNQUANTIZED
+from ..formats import GGUF_EXPORT as UNQUANTIZED
 from .modelfile import chat_info, write_modelfile
 
 
@@ -57,11 +58,7 @@ PRE_TOKENIZERS = {
 OUT_FILE = "model.gguf"
 
 
-def config_of(cfg) -> dict:
-    """The stage config recorded in meta.json (and hashed for resume): only the GGUF type."""
-    return {"gguf": cfg.export.gguf}
-
-
+@stage("export", inputs=("teacher",), reads=("export.gguf",), format="gguf")
 def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
     """HF artifact `src` -> GGUF artifact at `out` of type cfg.export.gguf."""
     from ..models import count_params, load_model, load_tokenizer
@@ -73,8 +70,7 @@ def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
     model = load_model(str(src.path))
     tok = load_tokenizer(str(src.path))
     source_gguf = (teacher.meta.get("metrics") or {}).get("source_gguf") if teacher is not None else None
-    with artifacts.writing(out, stage="export", config=config_of(cfg), parents=[src, teacher],
-                           format="gguf", quant=qtype, file=OUT_FILE) as (tmp, meta):
+    with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
         writer = gguf.GGUFWriter(str(tmp / OUT_FILE), gguf.MODEL_ARCH_NAMES[spec.gguf_arch])
         _add_hparams(writer, model.config, qtype, Path(src.path).name)
         warnings = []
@@ -156,7 +152,7 @@ def _add_hparams(w: gguf.GGUFWriter, config, qtype: str, name: str) -> None:
         w.add_value_length(head_dim(config))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(config.vocab_size)
-    w.add_file_type(UNQUANTIZED[qtype])
+    w.add_file_type(UNQUANTIZED[qtype].code)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

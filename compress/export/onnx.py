@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 
 from .. import artifacts
+from ..formats import FORMATS
+from ..stage import stage
 from ..errors import UserError
 
 OUT_FILE = "model.onnx"
@@ -32,7 +34,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.jinja")
 # HF model_type -> what the builder supports and compress has tested (fidelity test per family).
 SUPPORTED = ("llama", "qwen2")
-PRECISIONS = ("fp32",)   # the builder's fp16/bf16 graphs target CUDA/DML, not the CPU provider
+PRECISIONS = tuple(FORMATS["onnx"].export)   # fp32 only: see formats.py
 
 
 def require(what: str = "ONNX export", builder: bool = True):
@@ -65,11 +67,7 @@ def check_arch(path: Path) -> dict:
     return config
 
 
-def config_of(cfg) -> dict:
-    """The stage config recorded in meta.json (and hashed for resume)."""
-    return {"onnx": cfg.export.onnx}
-
-
+@stage("export", inputs=("teacher",), reads=("export.onnx",), format="onnx")
 def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
     """HF artifact `src` -> fp32 ONNX artifact at `out`."""
     precision = str(cfg.export.onnx)
@@ -78,8 +76,7 @@ def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
                         f"(int8/int4 go in quantize.onnx)")
     builder = require()
     check_arch(src.path)
-    with artifacts.writing(out, stage="export", config=config_of(cfg), parents=[src, teacher],
-                           format="onnx", quant=precision, file=OUT_FILE) as (tmp, meta):
+    with artifacts.writing(out, quant=precision, file=OUT_FILE) as (tmp, meta):
         build(builder, Path(src.path), tmp, precision)
         meta["params"] = src.meta.get("params")
         meta["metrics"] = graph_facts(tmp / OUT_FILE)

@@ -16,9 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import artifacts
+from ..formats import FORMATS
+from ..stage import stage
 from ..errors import UserError, closest
 
-TYPES = ("int8", "nf4")
+TYPES = tuple(FORMATS["bnb"].quantize)
 
 
 def require():
@@ -49,11 +51,7 @@ def quant_config(qtype: str):
                               bnb_4bit_compute_dtype=compute)
 
 
-def config_of(qtype: str) -> dict:
-    """The stage config recorded in meta.json (and hashed for resume)."""
-    return {"bnb": qtype}
-
-
+@stage("quantize", params=("qtype",), format="hf")
 def run(cfg, src, out, *, qtype: str) -> artifacts.Artifact:
     """HF artifact `src` -> bitsandbytes `qtype` HF artifact at `out`."""
     if qtype not in TYPES:
@@ -68,8 +66,7 @@ def run(cfg, src, out, *, qtype: str) -> artifacts.Artifact:
     model = AutoModelForCausalLM.from_pretrained(str(src.path), quantization_config=quant_config(qtype),
                                                  device_map=where, use_safetensors=True)
     tok = load_tokenizer(str(src.path))
-    with artifacts.writing(out, stage="quantize", config=config_of(qtype), parents=[src],
-                           format="hf", quant=f"bnb-{qtype}") as (tmp, meta):
+    with artifacts.writing(out, quant=f"bnb-{qtype}") as (tmp, meta):
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         meta["params"] = src.meta.get("params") or count_params(model)

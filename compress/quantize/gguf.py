@@ -22,21 +22,22 @@ from pathlib import Path
 import numpy as np
 
 from .. import artifacts
+from ..stage import stage
 from ..errors import UserError, closest
-from .types import QUANTIZED
+from ..formats import GGUF_QUANT as QUANTIZED
 
 OUT_FILE = "model.gguf"
 LOG_FILE = "quantize.log"
 
 
+@stage("quantize", inputs=("imatrix",), params=("qtype",), format="gguf")
 def run(cfg, src, out, *, qtype: str, imatrix=None) -> artifacts.Artifact:
     """F16/BF16/F32 GGUF artifact `src` -> `qtype` GGUF artifact at `out`."""
     import gguf
     if qtype not in QUANTIZED:
         raise UserError(f"unknown quantized GGUF type {qtype}{closest(qtype, QUANTIZED)}; "
                         f"supported: {', '.join(QUANTIZED)}")
-    with artifacts.writing(out, stage="quantize", config=config_of(qtype, imatrix), parents=[src, imatrix],
-                           format="gguf", quant=qtype, file=OUT_FILE) as (tmp, meta):
+    with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
         matrix = dict(np.load(imatrix.file)) if imatrix is not None else None
         fallbacks = quantize(src.file, tmp / OUT_FILE, qtype, matrix, tmp / LOG_FILE)
         types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp / OUT_FILE)).tensors}
@@ -50,17 +51,11 @@ def run(cfg, src, out, *, qtype: str, imatrix=None) -> artifacts.Artifact:
     return artifacts.load(out)
 
 
-def config_of(qtype: str, imatrix=None) -> dict:
-    """The stage config recorded in meta.json (and hashed for resume)."""
-    return {"type": qtype, "imatrix": imatrix is not None,
-            "imatrix_tokens": imatrix.meta["config"].get("imatrix_tokens") if imatrix is not None else None}
-
-
 def quantize(src: Path, dst: Path, qtype: str, matrix: dict[str, np.ndarray] | None, log: Path) -> int:
     """Run llama_model_quantize; returns how many tensors llama.cpp had to give a fallback type."""
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANTIZED[qtype]
+    params.ftype = QUANTIZED[qtype].code
     params.nthread = os.cpu_count() or 1
     keep = []   # the C side only borrows these buffers: they must stay alive during the call
     if matrix:

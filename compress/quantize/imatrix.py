@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import artifacts
+from ..stage import stage
 from ..data import read_texts, token_stream
 from ..errors import UserError
 
@@ -22,10 +23,7 @@ OUT_FILE = "imatrix.npz"
 CHUNK = 256     # tokens per forward pass, like llama.cpp's imatrix chunks
 
 
-def config_of(cfg) -> dict:
-    return {"imatrix_tokens": int(cfg.quantize.imatrix_tokens)}
-
-
+@stage("imatrix", inputs=("data",), reads=("quantize.imatrix_tokens",), format="imatrix")
 def run(cfg, src, out, *, data) -> artifacts.Artifact:
     from ..models import load_model, load_tokenizer
     n_tokens = int(cfg.quantize.imatrix_tokens)
@@ -34,8 +32,7 @@ def run(cfg, src, out, *, data) -> artifacts.Artifact:
     model = load_model(str(src.path))
     tok = load_tokenizer(str(src.path))
     ids = calibration_ids(tok, read_texts(data, "train"), n_tokens)
-    with artifacts.writing(out, stage="imatrix", config=config_of(cfg),
-                           parents=[src, data], format="imatrix", file=OUT_FILE) as (tmp, meta):
+    with artifacts.writing(out, file=OUT_FILE) as (tmp, meta):
         matrix = collect(model, ids)
         np.savez(tmp / OUT_FILE, **matrix)
         meta["metrics"] = {"tokens": len(ids), "tensors": len(matrix)}

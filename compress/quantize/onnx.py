@@ -22,10 +22,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import artifacts
+from ..formats import FORMATS
+from ..stage import stage
 from ..errors import UserError, closest
 from ..export.onnx import OUT_FILE, build, check_arch, graph_facts, require
 
-TYPES = {"int8": 8, "int4": 4}
+TYPES = FORMATS["onnx"].quantize
 BLOCKS = (128, 64, 32, 16)
 
 
@@ -38,10 +40,8 @@ OPTIONS = {"int8": ["accuracy_level=4"],
 MAX_BLOCK = {"int8": 128, "int4": 32}   # smaller int4 blocks measured better; int8 has little to gain
 
 
-def config_of(cfg, qtype: str) -> dict:
-    return {"type": qtype, "block": cfg.quantize.onnx_block, "options": OPTIONS.get(qtype)}
-
-
+@stage("quantize", inputs=("fp32",), reads=("quantize.onnx_block",), params=("qtype",), format="onnx",
+       extra=lambda cfg, qtype: {"options": OPTIONS.get(qtype)})
 def run(cfg, src, out, *, qtype: str, fp32=None) -> artifacts.Artifact:
     """HF artifact `src` -> `qtype` ONNX artifact at `out` (fp32: the export it sits beside)."""
     if qtype not in TYPES:
@@ -55,13 +55,12 @@ def run(cfg, src, out, *, qtype: str, fp32=None) -> artifacts.Artifact:
     if bad:
         raise UserError(f"quantize.onnx_block={block} does not divide the weight input widths {bad}; "
                         f"leave quantize.onnx_block unset to pick one that does")
-    with artifacts.writing(out, stage="quantize", config=config_of(cfg, qtype), parents=[src, fp32],
-                           format="onnx", quant=qtype, file=OUT_FILE) as (tmp, meta):
+    with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
         build(builder, Path(src.path), tmp, qtype, [f"block_size={block}", *OPTIONS[qtype]],
               edit=half_embedding if qtype == "int8" else None)
         facts = graph_facts(tmp / OUT_FILE)
         meta["params"] = src.meta.get("params")
-        meta["metrics"] = {**facts, "bits": TYPES[qtype], "block": block,
+        meta["metrics"] = {**facts, "bits": TYPES[qtype].bits, "block": block,
                            "float_matmuls": facts["ops"].get("MatMul", 0)}
     return artifacts.load(out)
 

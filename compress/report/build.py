@@ -21,9 +21,10 @@ from pathlib import Path
 from ..artifacts import META
 from ..config import Budgets, Device
 from ..errors import UserError
+from ..formats import FORMATS, HF_COMMAND, ORDER
 from .quality import compression_rows, task_summary
 
-MODEL_FORMATS = ("hf", "gguf", "onnx")
+MODEL_FORMATS = tuple(ORDER)   # artifact formats that are models (formats.py), not data or evals
 MB = 1e6   # decimal megabytes, so that GB/s bandwidth and MB sizes divide without 1024s
 
 
@@ -130,23 +131,21 @@ def main_file(meta: dict, path: Path) -> Path:
 
 
 def run_commands(run_name: str, name: str, meta: dict, path: Path, threads) -> dict:
-    """How to run the artifact in the runtime it ships in."""
-    fmt = meta.get("format")
-    main = main_file(meta, path)
-    if fmt == "gguf":
-        modelfile = path / "Modelfile"
-        tag = re.sub(r"[^a-z0-9._-]+", "-", f"{run_name}-{name}".lower()).strip("-.") or "model"
-        return {
-            "llama_cpp": f"llama-cli -m {_q(main)} -t {threads or 4} -cnv",
-            "modelfile": str(modelfile) if modelfile.is_file() else None,
-            "ollama": f"ollama create {tag} -f {_q(modelfile)}" if modelfile.is_file() else None,
-        }
-    if fmt == "onnx":   # the directory carries genai_config.json, so ORT GenAI runs it as is
-        return {"onnxruntime_genai": f"python -c \"import onnxruntime_genai as og; m = og.Model({str(path)!r})\"",
-                "onnxruntime": f"python -c \"import onnxruntime as ort; s = ort.InferenceSession({str(main)!r})\""}
-    return {"python": ("python -c \"from transformers import AutoModelForCausalLM, AutoTokenizer; "
-                       f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}); "
-                       f"t = AutoTokenizer.from_pretrained({str(path)!r})\"")}
+    """How to run the artifact in the runtime it ships in: its format's command templates."""
+    fmt = next((f for f in FORMATS.values() if f.artifact == meta.get("format") and f.commands), None)
+    if fmt is None:
+        return {"python": HF_COMMAND.format(dir=str(path))}
+    main, modelfile = main_file(meta, path), path / "Modelfile"
+    tag = re.sub(r"[^a-z0-9._-]+", "-", f"{run_name}-{name}".lower()).strip("-.") or "model"
+    values = {"main": _q(main), "main_str": str(main), "dir": str(path), "threads": threads or 4, "tag": tag,
+              "modelfile": _q(modelfile)}
+    out = {}
+    for label, template in fmt.commands.items():
+        # a Modelfile (Ollama) is written beside GGUF exports; without one there is no command
+        out[label] = None if "{modelfile}" in template and not modelfile.is_file() else template.format(**values)
+    if any("{modelfile}" in t for t in fmt.commands.values()):
+        out["modelfile"] = str(modelfile) if modelfile.is_file() else None
+    return out
 
 
 def artifact_entry(run_dir: Path, run_name: str, name: str, metas: dict, ev: dict | None,
@@ -296,12 +295,9 @@ def build(run_dir) -> dict:
 
 # ---------------------------------------------------------------- small helpers
 
-_FORMAT_RANK = {"hf": 0, "onnx": 1, "gguf": 2}
-
-
 def _order(a: dict):
     # Teacher first (the reference), then HF stages, then exports from largest to smallest.
-    return (not a["teacher"], _FORMAT_RANK.get(a["format"], 3), -(a["size_mb"] or 0.0), a["name"])
+    return (not a["teacher"], ORDER.get(a["format"], len(ORDER)), -(a["size_mb"] or 0.0), a["name"])
 
 
 def _round(x, nd: int = 3):

@@ -9,6 +9,8 @@ It is None when the teacher itself is not above chance (nothing to retain).
 """
 from __future__ import annotations
 
+from ..config import STAGES as STAGE_ORDER
+
 # What each stage adds to an artifact's recipe, walking its parents up to the teacher.
 RECIPE = {"student": "layer-dropped", "prune": "pruned", "distill": "distilled"}
 
@@ -60,6 +62,47 @@ def recipe(name: str, metas: dict) -> str:
     return " + ".join(steps)
 
 
+def cost(name: str, metas: dict) -> dict | None:
+    """What making `name` cost: each ancestor (and itself) counted once, summed per stage.
+
+    {"total_s", "peak_rss_mb" (the largest of the recipe's stages), "stages": {stage: {"wall_s",
+    "device"}}, "summary": "distill 5.4 min + quantize 2 s"}; None when no stage recorded a cost.
+    """
+    todo, seen, stages, peak = [name], set(), {}, None
+    while todo:
+        n = todo.pop()
+        if n in seen or n not in metas:
+            continue
+        seen.add(n)
+        m = metas[n]
+        todo += [p.get("name") for p in m.get("parents") or []]
+        c = m.get("cost")
+        if not c:
+            continue
+        s = stages.setdefault(m.get("stage") or "?", {"wall_s": 0.0, "device": "cpu"})
+        s["wall_s"] = round(s["wall_s"] + (c.get("wall_s") or 0.0), 3)
+        if c.get("device") not in (None, "cpu"):
+            s["device"] = c["device"]
+        if c.get("peak_rss_mb") is not None:
+            peak = max(peak or 0.0, c["peak_rss_mb"])
+    if not stages:
+        return None
+    order = [s for s in STAGE_ORDER if s in stages] + sorted(set(stages) - set(STAGE_ORDER))
+    summary = " + ".join(f"{s} {duration(stages[s]['wall_s'])}"
+                         + ("" if stages[s]["device"] == "cpu" else f" {stages[s]['device']}") for s in order)
+    return {"total_s": round(sum(s["wall_s"] for s in stages.values()), 3), "peak_rss_mb": peak,
+            "stages": {s: stages[s] for s in order}, "summary": summary}
+
+
+def duration(seconds: float) -> str:
+    """2 s, 5.4 min, 1.2 h."""
+    if seconds < 60:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def mean_retention(a: dict):
     vals = [r["retention"] for r in (a["quality"].get("tasks") or {}).values()
             if isinstance(r, dict) and r.get("retention") is not None]
@@ -78,6 +121,7 @@ def compression_rows(arts: list[dict], metas: dict) -> list[dict]:
         rows.append({
             "name": a["name"],
             "recipe": "teacher (as given)" if a is teacher else recipe(a["name"], metas),
+            "cost": cost(a["name"], metas),
             "size_mb": a["size_mb"],
             "size_reduction": _ratio(t_size, a["size_mb"]),
             "decode_tps": a["speed"]["decode_tps"],

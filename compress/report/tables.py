@@ -57,14 +57,15 @@ def compression_table(report: dict):
     rows = report.get("compression") or []
     if not rows:
         return None
-    head = ["Artifact", "Recipe", "Size MB", "Size ×smaller", "Decode tok/s", "Decode ×faster",
+    head = ["Artifact", "Recipe", "Cost to make", "Size MB", "Size ×smaller", "Decode tok/s", "Decode ×faster",
             "PPL", "PPL ×", "KLD", "OOD KLD", "Task retention"]
-    cells = [[r["name"], r["recipe"], fmt_num(r["size_mb"]), _x(r["size_reduction"]), fmt_num(r["decode_tps"]),
+    cells = [[r["name"], r["recipe"], (r.get("cost") or {}).get("summary") or "n/a", fmt_num(r["size_mb"]), _x(r["size_reduction"]), fmt_num(r["decode_tps"]),
               _x(r["decode_speedup"]), fmt_num(r["ppl"]), _x(r["ppl_change"]), fmt_num(r["kld"]),
               fmt_num(r["ood_kld"]), _pct(r["task_retention"])] for r in rows]
     note = ("Measured on this run, against the teacher as given (HF in torch): size reduction, host decode "
             "speed-up (each artifact in its own runtime, so it includes the runtime change), perplexity "
-            "ratio, KLD, and mean task retention above chance.")
+            "ratio, KLD, and mean task retention above chance. Cost to make: the wall time of every stage "
+            "in the artifact's recipe (each counted once, on the device named; CPU otherwise).")
     return "Compression vs the teacher", head, cells, note
 
 

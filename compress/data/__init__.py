@@ -12,25 +12,27 @@ Output: train.jsonl / heldout.jsonl, one {"text": ...} per line, chat template a
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
 
-from . import artifacts
-from .errors import UserError
-from .models import cache_dir, load_tokenizer
+from .. import artifacts
+from ..errors import UserError
+from ..models import cache_dir, load_tokenizer
+from ..stage import stage
 from .prompts import builtin_prompts
 
 PROMPTS_VERSION = 1   # bump when the built-in prompts change so caches are not reused
 
 
-def config_of(cfg) -> dict:
-    return {"data": cfg.data, "gen": dataclasses.asdict(cfg.gen) if cfg.data is None else None,
-            "prompts_version": PROMPTS_VERSION}
+def _reads(cfg) -> tuple:
+    # gen.* shapes the data only when the teacher writes it; the held-out split applies to both.
+    return ("data", "gen") if cfg.data is None else ("data", "gen.heldout")
 
 
+@stage("data", reads=_reads, format="data",
+       extra=lambda cfg: {"prompts_version": PROMPTS_VERSION} if cfg.data is None else {})
 def run(cfg, src: artifacts.Artifact, out: Path) -> artifacts.Artifact:
     """src: the teacher artifact (its tokenizer renders chat text; its GGUF generates)."""
     tok = load_tokenizer(str(src.path))
@@ -44,7 +46,7 @@ def run(cfg, src: artifacts.Artifact, out: Path) -> artifacts.Artifact:
     if not train or not heldout:
         raise UserError(f"data has {len(texts)} usable examples after filtering; need at least 2 "
                         f"(one to train on, one held out): give more data or raise gen.prompts")
-    with artifacts.writing(out, stage="data", config=config_of(cfg), parents=[src], format="data") as (tmp, meta):
+    with artifacts.writing(out) as (tmp, meta):
         for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
             write_jsonl(tmp / name, [{"text": t} for t in rows])
         meta["metrics"] = {
@@ -129,8 +131,7 @@ def render(row: dict, tok, where: str) -> str:
 
 def generated_texts(cfg, teacher: artifacts.Artifact, tok) -> tuple[list[str], dict]:
     """Teacher answers to built-in prompts, filtered; cached across runs."""
-    key = hashlib.sha256(json.dumps([teacher.meta["config"], config_of(cfg)], sort_keys=True).encode()).hexdigest()[:16]
-    cache = cache_dir() / "data" / f"generated-{key}.jsonl"
+    cache = generated_cache(teacher, cfg)
     if cache.is_file():
         rows = read_jsonl(cache)
     else:
@@ -143,6 +144,13 @@ def generated_texts(cfg, teacher: artifacts.Artifact, tok) -> tuple[list[str], d
                                       {"role": "assistant", "content": r["response"]}], tokenize=False)
              for r in kept]
     return texts, rejected
+
+
+def generated_cache(teacher: artifacts.Artifact, cfg) -> Path:
+    """Where generated answers are cached: one file per teacher and generation settings."""
+    gen = {k: v for k, v in cfg.section("gen").items() if k != "heldout"}   # the split is not generation
+    blob = json.dumps([teacher.meta["config"], gen, PROMPTS_VERSION], sort_keys=True)
+    return cache_dir() / "data" / f"generated-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.jsonl"
 
 
 def generate(cfg, teacher: artifacts.Artifact, tok, prompts: list[str]) -> list[dict]:
@@ -166,7 +174,7 @@ def generate(cfg, teacher: artifacts.Artifact, tok, prompts: list[str]) -> list[
 def _llama_cpp_sampler(gguf_path: str, cfg):
     """Fast path: llama.cpp on the teacher's own GGUF."""
     from llama_cpp import Llama
-    threads = max(1, min(cfg.device.threads, os.cpu_count() or 1))
+    threads = os.cpu_count() or 1   # this host's cores: the data must not depend on the device profile
     llm = Llama(model_path=gguf_path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                 verbose=False, seed=cfg.gen.seed)
 
@@ -182,7 +190,7 @@ def _llama_cpp_sampler(gguf_path: str, cfg):
 def _torch_sampler(teacher: artifacts.Artifact, tok, cfg):
     """Slow path for teachers without a GGUF: transformers generate."""
     import torch
-    from .models import load_model
+    from ..models import load_model
     model = load_model(str(teacher.path))
 
     def sample(ids, max_new, seed):

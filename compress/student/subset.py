@@ -17,13 +17,16 @@ import torch
 from .. import artifacts
 from ..errors import UserError
 from ..models import count_params, load_model, load_tokenizer, resolve_teacher, save_hf
-from .teachers import check_tokenizer
+from ..distill.teachers import check_tokenizer
+from ..stage import stage
 
 
-def config_of(cfg) -> dict:
-    return cfg.section("student")
+def _reads(cfg) -> tuple:
+    # A given student keeps its own tokenizer only for sequence-level KD, which trains on text.
+    return ("student",) + (("distill.mode", "trust_remote_code") if cfg.student.model else ())
 
 
+@stage("student", inputs=("data",), reads=_reads, format="hf")
 def run(cfg, src: artifacts.Artifact, out: Path, *, data: artifacts.Artifact) -> artifacts.Artifact:
     """src: the teacher artifact; data: calibration texts for the importance score."""
     tok = load_tokenizer(str(src.path))
@@ -52,8 +55,7 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, data: artifacts.Artifact) ->
         else:
             kept = even_layers(n, want)
         student = keep_layers(teacher, kept)
-    with artifacts.writing(out, stage="student", config=config_of(cfg), parents=[src, data],
-                           format="hf", quant="fp32") as (tmp, meta):
+    with artifacts.writing(out, quant="fp32") as (tmp, meta):
         save_hf(student, tok, tmp)
         meta["params"] = count_params(student)
         meta["metrics"] = {"kept_layers": kept, "block_influence": scores,

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from ..distill.student import keep_layers
+from .subset import keep_layers
 
 
 def select_layers(scores: list[float], keep: int) -> list[int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..distill.student import block_influence, calibration_ids
+from .subset import block_influence, calibration_ids
 
 DEPTH_METRICS = ("block_influence", "loss")
 

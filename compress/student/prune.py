@@ -4,7 +4,7 @@
     compress run prune.layers=15                   # depth: keep the 15 most important layers
     compress run prune.mlp=768 prune.heads=6 prune.hidden=512 prune.multiple=256
 
-    from compress import prune
+    from compress.student import prune
     if prune.has_targets(cfg):
         art = prune.run(cfg, teacher, run_dir / "pruned", data=data)
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..stage import stage
+
 TARGETS = ("layers", "mlp", "heads", "hidden", "params")
 ARCHS = ("llama", "qwen2")
 
@@ -27,10 +29,7 @@ def has_targets(cfg) -> bool:
     return any(getattr(cfg.prune, k) is not None for k in TARGETS)
 
 
-def config_of(cfg) -> dict:
-    return cfg.section("prune")
-
-
+@stage("prune", inputs=("data",), reads=("prune",), format="hf")
 def run(cfg, src, out: Path, *, data):
     """src: the teacher HF artifact; data: the data artifact (calibration texts) -> pruned HF artifact."""
     from transformers import AutoConfig
@@ -54,8 +53,7 @@ def run(cfg, src, out: Path, *, data):
     ids = calib_ids(tok, read_texts(data, "train"), int(p.calib_tokens))
     before = count_params(model)
     pruned, report = prune_model(model, want, ids, p.depth_metric)
-    with artifacts.writing(out, stage="prune", config=config_of(cfg), parents=[src, data],
-                           format="hf", quant="fp32") as (tmp, meta):
+    with artifacts.writing(out, quant="fp32") as (tmp, meta):
         save_hf(pruned, tok, tmp)
         meta["params"] = count_params(pruned)
         meta["metrics"] = {"teacher": teacher.summary(), "pruned": Dims.of(pruned.config).summary(),

@@ -1,0 +1,224 @@
+"""The stage contract: a stage declares its name, its named inputs and the config keys it reads.
+
+    @stage("export", inputs=("teacher",), reads=("export.gguf",), format="gguf")
+    def run(cfg, src, out, *, teacher=None) -> Artifact: ...
+
+Calling a declared stage (from the pipeline's runner or directly, as tests do) goes through one
+wrapper that
+- hands the stage a view of the run config holding only the declared keys: reading any other key
+  raises UndeclaredKey, so a key a stage depends on can never be left out of its identity;
+- computes the artifact's identity from exactly those keys (plus per-call `params` such as the
+  quantized type) and the hashes of its parents (`src` and the declared inputs, in that order),
+  which `artifacts.writing` records: stages never name their own config or parents;
+- times the stage and records its wall time, device and peak memory in the artifact's meta
+  (`meta["cost"]`), so the report can show what each artifact cost to make.
+
+`reads` holds keys ("gen.heldout") or whole sections ("distill"); it may be a function of the
+config when a key matters only in some modes (the data stage reads gen.* only when it generates).
+"""
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+
+class UndeclaredKey(AttributeError):
+    """A stage read a config key it does not declare: a bug in the stage, not user input."""
+
+
+# Where outputs go, not what they are: a stage may always read these.
+LOCATIONS = ("run_dir", "name", "out")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str                                   # the stage name `stages=[...]` takes
+    inputs: tuple = ()                          # named artifact inputs after src, in parent order
+    reads: tuple | Callable = ()                # config keys or sections, or cfg -> keys
+    params: tuple = ()                          # per-call values hashed with the config (e.g. qtype)
+    format: str | None = None                   # what the artifact is: hf, gguf, onnx, data, eval, ...
+    extra: Callable | None = None               # view -> dict: derived facts that belong in the hash
+
+    def keys(self, cfg) -> tuple:
+        keys = self.reads(_root(cfg)) if callable(self.reads) else self.reads
+        return tuple(sorted(set(keys)))
+
+    def identity(self, cfg, src=None, **kwargs) -> Identity:
+        """What the artifact is made of: the declared config values, params and parents."""
+        view = ConfigView(_root(cfg), self.keys(cfg), self.name)
+        config = {k: _plain(view._get(k)) for k in self.keys(cfg)}
+        config.update({p: kwargs.get(p) for p in self.params})
+        if self.extra is not None:
+            config.update(self.extra(view, **{p: kwargs.get(p) for p in self.params}))
+        parents = _flatten([src, *(kwargs.get(name) for name in self.inputs)])
+        return Identity(self.name, config, parents, self.format)
+
+
+@dataclass
+class Identity:
+    stage: str
+    config: dict
+    parents: list
+    format: str | None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def hash(self) -> str:
+        from .artifacts import expected_hash
+        return expected_hash(self.stage, self.config, self.parents)
+
+
+_current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("stage", default=None)
+
+
+def current() -> Identity | None:
+    """The identity of the stage running now (read by artifacts.writing), None outside a stage."""
+    return _current.get()
+
+
+def stage(name: str, *, inputs=(), reads=(), params=(), format=None, extra=None):
+    """Declare `run(cfg, src, out, **inputs_and_params)` as a stage; see the module docstring."""
+    spec = Stage(name, tuple(inputs), reads if callable(reads) else tuple(reads), tuple(params), format, extra)
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(cfg, src, out, **kwargs):
+            unknown = set(kwargs) - set(spec.inputs) - set(spec.params)
+            if unknown:
+                raise TypeError(f"stage {name} takes inputs {spec.inputs} and params {spec.params}, "
+                                f"not {sorted(unknown)}")
+            ident = spec.identity(cfg, src, **kwargs)
+            view = ConfigView(_root(cfg), spec.keys(cfg), name)
+            token = _current.set(ident)
+            memory.reset_peak()
+            try:
+                return fn(view, src, Path(out), **kwargs)
+            finally:
+                _current.reset(token)
+        run.stage = spec
+        return run
+    return wrap
+
+
+# ---------------------------------------------------------------- the config a stage sees
+
+class ConfigView:
+    """Attribute access to the declared keys of a RunConfig; anything else raises UndeclaredKey."""
+
+    def __init__(self, cfg, keys, stage_name: str, prefix: str = ""):
+        self._cfg, self._keys, self._stage, self._prefix = cfg, tuple(keys), stage_name, prefix
+
+    def _allowed(self, key: str) -> str:
+        """'whole' when key (or a section above it) is declared, 'part' when keys below it are."""
+        if any(key == k or key.startswith(k + ".") for k in self._keys):
+            return "whole"
+        if any(k.startswith(key + ".") for k in self._keys):
+            return "part"
+        return ""
+
+    def _get(self, key: str):
+        node = self._cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if not self._prefix and name in LOCATIONS:
+            return getattr(self._cfg, name)
+        key = self._prefix + name
+        allowed = self._allowed(key)
+        if not allowed:
+            raise UndeclaredKey(f"stage '{self._stage}' read config key '{key}' which it does not declare; "
+                                f"add it to the stage's reads so that changing it redoes the stage")
+        value = self._get(key)
+        if allowed == "part" and dataclasses.is_dataclass(value):
+            return ConfigView(self._cfg, self._keys, self._stage, key + ".")
+        return value
+
+    def __setattr__(self, name, value):
+        if name.startswith("_"):
+            return object.__setattr__(self, name, value)
+        raise AttributeError(f"stage '{self._stage}' may not change the run config ({name})")
+
+    def section(self, name: str) -> dict:
+        """A section as a dict: all of it when declared whole, else the declared keys of it."""
+        value = getattr(self, name)
+        if dataclasses.is_dataclass(value):
+            return dataclasses.asdict(value)
+        return {k.split(".", 1)[1]: _plain(self._get(k)) for k in self._keys if k.startswith(name + ".")}
+
+    def to_dict(self) -> dict:
+        return {k: _plain(self._get(k)) for k in self._keys}
+
+
+def _root(cfg):
+    return cfg._cfg if isinstance(cfg, ConfigView) else cfg
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _flatten(items) -> list:
+    out = []
+    for x in items:
+        if isinstance(x, (list, tuple)):
+            out += _flatten(x)
+        elif x is not None:
+            out.append(x)
+    return out
+
+
+def all_keys() -> list[str]:
+    """Every leaf key of the run config, e.g. 'distill.lr'."""
+    from .config import RunConfig
+    from .keys import walk
+    return [k for k, _ in walk(RunConfig)]
+
+
+# ---------------------------------------------------------------- what a stage cost
+
+class memory:
+    """Peak memory of the stage running now: the process's peak RSS and, on CUDA, peak allocated."""
+
+    @staticmethod
+    def reset_peak() -> None:
+        try:   # Linux: writing 5 to clear_refs resets VmHWM, the process's peak RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        torch = _torch_if_loaded()
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    @staticmethod
+    def cost(started: float) -> dict:
+        """{"wall_s", "device", "peak_rss_mb", "peak_gpu_mb"} since `started`."""
+        peak = None
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            import resource
+            peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        device, gpu = "cpu", None
+        torch = _torch_if_loaded()
+        if torch is not None and torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+            device = torch.cuda.get_device_name()
+            gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return {"wall_s": round(time.time() - started, 3), "device": device,
+                "peak_rss_mb": peak, "peak_gpu_mb": gpu}
+
+
+def _torch_if_loaded():
+    """torch only when a stage already imported it: measuring must not pay torch's import."""
+    import sys
+    return sys.modules.get("torch")
