@@ -108,6 +108,41 @@ def test_torch_runtime_cache_matches_full_forward(tiny_llama):
     rt.close()
 
 
+def test_torch_scoring_uses_no_deprecated_transformers_api(tiny_llama):
+    """Evaluation hides library warnings (quiet_transformers, tasks.quiet), so a transformers
+    deprecation announced for a KV-cache argument we pass would only show as a break after the
+    next pin bump. Scoring, decoding and the prefix cache's crop run here with warnings shown."""
+    import logging
+    import warnings
+    from transformers.utils import logging as hf_logging
+    from compress.evaluate.lm_adapter import PrefixCache
+    from compress.evaluate.runtimes import open_runtime
+    rt = open_runtime(tiny_llama, threads=1, vocab=49152)
+    ids = list(range(100, 120))
+    logged = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = logged.append
+    hf_logger, level = hf_logging.get_logger(), hf_logging.get_verbosity()
+    hf_logger.addHandler(handler)
+    hf_logging.set_verbosity_warning()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rt.logprobs(ids)
+            rt.decode_step(rt.prefill(ids))
+            cache = PrefixCache()
+            cache.rows(rt, ids, 1)
+            cache.rows(rt, ids[:10] + [7, 8], 1)   # shares 10 tokens: crops the DynamicCache
+    finally:
+        hf_logger.removeHandler(handler)
+        hf_logging.set_verbosity(level)
+        rt.close()
+    deprecations = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+                    if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    deprecations += [r.getMessage() for r in logged if "deprecat" in r.getMessage().lower()]
+    assert not deprecations, deprecations
+
+
 def test_unknown_format_is_a_user_error(tmp_path):
     from compress.evaluate.runtimes import open_runtime
     with artifacts.writing(tmp_path / "x", stage="data", config={}, parents=[], format="data"):

@@ -42,16 +42,14 @@ def open_runtime(artifact, threads: int, *, vocab: int | None = None, n_ctx: int
     return LlamaCppRuntime(artifact.file, threads, vocab=vocab, n_ctx=n_ctx, all_logits=all_logits)
 
 
-RUNTIME_OF_FORMAT = {"hf": "torch", "gguf": "llama.cpp", "onnx": "onnxruntime"}
-
-
 def check_format(artifact) -> str:
     """The runtime name for an artifact's format; UserError for formats nothing can run."""
+    from ..formats import RUNTIMES
     fmt = artifact.meta.get("format")
-    if fmt not in RUNTIME_OF_FORMAT:
+    if fmt not in RUNTIMES:
         raise UserError(f"artifact {artifact.path} has format '{fmt}', which has no runtime; "
-                        f"evaluate takes {' or '.join(RUNTIME_OF_FORMAT)} artifacts")
-    return RUNTIME_OF_FORMAT[fmt]
+                        f"evaluate takes {' or '.join(RUNTIMES)} artifacts")
+    return RUNTIMES[fmt]
 
 
 def _check_vocab(vocab: int | None, n_vocab: int, where) -> int:
