@@ -73,8 +73,9 @@ def main():
             healed = cached(run_b / f"healed-{v}-{heal}",
                             lambda out: train.run(hcfg, art, out, teacher=teacher, data=data))
             if healed.meta["config"]["distill"]["tokens"] != heal_tokens:
-                sys.exit(f"{healed.path} was healed on {healed.meta['config']['tokens']} tokens, not "
-                         f"{heal_tokens}: pass --heal-tokens={healed.meta['config']['tokens']} or a new --work")
+                done = healed.meta["config"]["distill"]["tokens"]
+                sys.exit(f"{healed.path} was healed on {done} tokens, not {heal_tokens}: "
+                         f"pass --heal-tokens={done} or a new --work")
             print(row(v, healed, f"{heal} {heal_tokens}", score(hcfg, healed, teacher, data, run_b, mc_n),
                       time.time() - t0), flush=True)
 

@@ -351,7 +351,7 @@ def load_config(args: list[str]) -> RunConfig:
     return cfg
 
 
-# Messages worded before the generic ones (users' scripts and tests match on them); the limits
+# Keys whose message says more than the generic one (e.g. what the value means); the limits
 # still come from the field: {key}, {value}, {range} and {choices} are filled in.
 WORDING = {
     "distill.alpha_end": "{key}={value} is out of range: distill.alpha must be {range}, "
@@ -405,6 +405,10 @@ def validate(cfg: RunConfig) -> None:
 
 def resolved_threads(cfg: RunConfig) -> int:
     """Threads for measurements: eval.threads or the device's, never more than this host's cores."""
+    return max(1, min(int(cfg.eval.threads or cfg.device.threads), host_cores()))
+
+
+def host_cores() -> int:
+    """Cores this process may run on (CPU affinity and container limits included where the OS says)."""
     import os
-    want = cfg.eval.threads or cfg.device.threads
-    return max(1, min(int(want), os.cpu_count() or 1))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -4,9 +4,10 @@
 
 A row says which types the format has (with bits per weight), which runtime runs it, which
 modules export and quantize it, how a user runs the shipped file, and where the report lists it.
-Adding a format is a row here plus its modules (export/<name>.py and/or quantize/<name>.py) and
-its branch in pipeline.ship; config choices, `compress ls formats`, preflight's disk estimate,
-evaluate's runtime check and the report's order and run commands all read this table.
+Config choices, `compress ls formats`, preflight's disk estimate, evaluate's runtime check and the
+report's order and run commands read this table. A new format is a row, its modules
+(export/<name>.py and/or quantize/<name>.py, each a declared stage), its branch in pipeline.ship,
+its `export.<name>` / `quantize.<name>` keys in config.py and its line in preflight.knobs_of.
 """
 from __future__ import annotations
 
@@ -61,10 +62,10 @@ FORMATS = {
         "bnb", "hf", "torch", {}, {"int8": Type(8, 13), "nf4": Type(4, 6)}, None, "compress.quantize.bnb",
         order=0),
 }
-# What evaluates each artifact format (HF directories: the teacher, students, bitsandbytes files).
-RUNTIMES = {"hf": "torch", **{f.artifact: f.runtime for f in FORMATS.values()}}
-# How each artifact format is ordered in the report.
-ORDER = {"hf": 0, **{f.artifact: f.order for f in FORMATS.values()}}
+# What evaluates each artifact format, and its place in the report. HF directories (the teacher,
+# students, bitsandbytes files) run in torch and come first.
+RUNTIMES = {"hf": "torch", **{f.artifact: f.runtime for f in FORMATS.values() if f.artifact != "hf"}}
+ORDER = {"hf": 0, **{f.artifact: f.order for f in FORMATS.values() if f.artifact != "hf"}}
 HF_COMMAND = ("python -c \"from transformers import AutoModelForCausalLM, AutoTokenizer; "
               "m = AutoModelForCausalLM.from_pretrained({dir!r}); t = AutoTokenizer.from_pretrained({dir!r})\"")
 # Layouts re-arrange finished artifacts for one app (export.layout); they are not model formats.

@@ -89,7 +89,8 @@ def check_key(name: str, f, value, wording: str | None = None) -> None:
             raise UserError(wording.format(**fill))
         if isinstance(value, list):
             raise UserError(f"{name} lists {v!r}{hint}; it takes {valid}")
-        best = next((c for c in choices if f"'{c}'" in hint), choices[0])   # the close one, else the first
+        # the close one, else the default (a safe choice), else the first
+        best = next((c for c in choices if f"'{c}'" in hint), default(f) if default(f) in choices else choices[0])
         raise UserError(f"{name}={v!r}{hint}; it takes {valid}: use {name}={best}")
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if numeric and not all(meta.get(b) is None or test(value, meta[b]) for b, (test, _) in BOUNDS.items()):

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import artifacts
-from .config import RunConfig
+from .config import RunConfig, resolved_threads
 
 console = Console(stderr=True)
 
@@ -146,7 +146,8 @@ def stages(r: Runner) -> bool:
     ref = r.step(reference.run, reference.REFERENCE, src=teacher, data=data_art)
     ood = r.step(reference.run_ood, reference.OOD_REFERENCE, src=teacher) if reference.has_ood(cfg.eval.ood) else None
     for art in [teacher, stud, distilled, *shipped, *baseline]:
-        r.step(evaluate, f"eval-{art.name}", src=art, teacher=teacher, data=data_art, reference=ref, ood=ood)
+        r.step(evaluate, f"eval-{art.name}", src=art, teacher=teacher, data=data_art, reference=ref, ood=ood,
+               threads=resolved_threads(cfg))
     return True
 
 

@@ -6,7 +6,9 @@
 Calling a declared stage (from the pipeline's runner or directly, as tests do) goes through one
 wrapper that
 - hands the stage a view of the run config holding only the declared keys: reading any other key
-  raises UndeclaredKey, so a key a stage depends on can never be left out of its identity;
+  raises UndeclaredKey (a stage called from a stage may read only keys its caller declared), so
+  config a stage reads is in its identity; files named by a key (data=, a local teacher) are
+  identified by that path, not their content;
 - computes the artifact's identity from exactly those keys (plus per-call `params` such as the
   quantized type) and the hashes of its parents (`src` and the declared inputs, in that order),
   which `artifacts.writing` records: stages never name their own config or parents;
@@ -27,8 +29,10 @@ from pathlib import Path
 from typing import Callable
 
 
-class UndeclaredKey(AttributeError):
-    """A stage read a config key it does not declare: a bug in the stage, not user input."""
+class UndeclaredKey(RuntimeError):
+    """A stage read a config key it does not declare: a bug in the stage, not user input.
+
+    Not an AttributeError, so hasattr()/getattr(view, key, default) cannot swallow it."""
 
 
 # Where outputs go, not what they are: a stage may always read these.
@@ -66,6 +70,7 @@ class Identity:
     parents: list
     format: str | None
     started: float = field(default_factory=time.time)
+    gpu_base: int = 0   # CUDA bytes allocated when the stage started (tensors of earlier stages)
 
     @property
     def hash(self) -> str:
@@ -92,10 +97,17 @@ def stage(name: str, *, inputs=(), reads=(), params=(), format=None, extra=None)
             if unknown:
                 raise TypeError(f"stage {name} takes inputs {spec.inputs} and params {spec.params}, "
                                 f"not {sorted(unknown)}")
+            if isinstance(cfg, ConfigView):   # a stage calling a stage: only keys the caller declared
+                for k in spec.keys(cfg):
+                    cfg._check(k)
             ident = spec.identity(cfg, src, **kwargs)
             view = ConfigView(_root(cfg), spec.keys(cfg), name)
+            outer = _current.get()
             token = _current.set(ident)
-            memory.reset_peak()
+            if outer is None:   # a nested stage's memory counts towards the stage that called it
+                ident.gpu_base = memory.reset_peak()
+            else:
+                ident.started, ident.gpu_base = outer.started, outer.gpu_base
             try:
                 return fn(view, src, Path(out), **kwargs)
             finally:
@@ -127,16 +139,20 @@ class ConfigView:
             node = getattr(node, part)
         return node
 
+    def _check(self, key: str) -> str:
+        allowed = self._allowed(key)
+        if not allowed:
+            raise UndeclaredKey(f"stage '{self._stage}' read config key '{key}' which it does not declare; "
+                                f"add it to the stage's reads so that changing it redoes the stage")
+        return allowed
+
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
         if not self._prefix and name in LOCATIONS:
             return getattr(self._cfg, name)
         key = self._prefix + name
-        allowed = self._allowed(key)
-        if not allowed:
-            raise UndeclaredKey(f"stage '{self._stage}' read config key '{key}' which it does not declare; "
-                                f"add it to the stage's reads so that changing it redoes the stage")
+        allowed = self._check(key)
         value = self._get(key)
         if allowed == "part" and dataclasses.is_dataclass(value):
             return ConfigView(self._cfg, self._keys, self._stage, key + ".")
@@ -153,9 +169,6 @@ class ConfigView:
         if dataclasses.is_dataclass(value):
             return dataclasses.asdict(value)
         return {k.split(".", 1)[1]: _plain(self._get(k)) for k in self._keys if k.startswith(name + ".")}
-
-    def to_dict(self) -> dict:
-        return {k: _plain(self._get(k)) for k in self._keys}
 
 
 def _root(cfg):
@@ -186,10 +199,15 @@ def all_keys() -> list[str]:
 # ---------------------------------------------------------------- what a stage cost
 
 class memory:
-    """Peak memory of the stage running now: the process's peak RSS and, on CUDA, peak allocated."""
+    """Peak memory of the stage running now: the process's peak RSS and, on CUDA, peak allocated.
+
+    The peak RSS is reset where the OS allows it (Linux); elsewhere it is the process's peak so far.
+    A stage that resets CUDA's peak itself (distill, for its own figure) shows its training peak.
+    """
 
     @staticmethod
-    def reset_peak() -> None:
+    def reset_peak() -> int:
+        """Reset the peaks; returns the CUDA bytes already allocated (0 without CUDA)."""
         try:   # Linux: writing 5 to clear_refs resets VmHWM, the process's peak RSS
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -197,25 +215,42 @@ class memory:
         torch = _torch_if_loaded()
         if torch is not None and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        return 0
 
     @staticmethod
-    def cost(started: float) -> dict:
-        """{"wall_s", "device", "peak_rss_mb", "peak_gpu_mb"} since `started`."""
-        peak = None
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            import resource
-            peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    def cost(ident) -> dict:
+        """{"wall_s", "device", "peak_rss_mb", "peak_gpu_mb"} of the stage `ident` names."""
         device, gpu = "cpu", None
         torch = _torch_if_loaded()
-        if torch is not None and torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        # on CUDA only when the stage allocated there: tensors left by earlier stages do not count
+        if torch is not None and torch.cuda.is_available() and torch.cuda.max_memory_allocated() > ident.gpu_base:
             device = torch.cuda.get_device_name()
             gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        return {"wall_s": round(time.time() - started, 3), "device": device,
-                "peak_rss_mb": peak, "peak_gpu_mb": gpu}
+        return {"wall_s": round(time.time() - ident.started, 3), "device": device,
+                "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": gpu}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB.
+
+    Linux: VmHWM of the current address space. getrusage's ru_maxrss is not used there because
+    exec keeps the high-water mark of the address space it replaces, and subprocess spawns with
+    vfork, so a child would report the *parent's* peak. Elsewhere ru_maxrss (bytes on macOS).
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0    # kB
+    except OSError:
+        pass
+    import sys
+    try:
+        import resource
+    except ImportError:   # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
 def _torch_if_loaded():

@@ -30,6 +30,22 @@ def test_reading_an_undeclared_key_is_an_error(tmp_path):
         view.distill = None
 
 
+def test_a_stage_cannot_reach_undeclared_keys_through_another_stage_or_a_default(tmp_path):
+    @stage("reference", reads=("eval.seqs", "eval.ood"), format="logprobs")
+    def inner(cfg, src, out):
+        return cfg.eval.ood
+
+    @stage("evaluate", reads=("eval.seqs",), format="eval")
+    def outer(cfg, src, out):
+        return inner(cfg, src, out)
+
+    with pytest.raises(UndeclaredKey, match="'eval.ood'"):
+        outer(load_config([]), None, tmp_path / "x")
+    view = ConfigView(load_config([]), ("eval.seqs",), "evaluate")
+    with pytest.raises(UndeclaredKey):
+        getattr(view.eval, "ood", None)   # not an AttributeError: a default cannot hide the read
+
+
 def test_every_stage_declares_real_keys_and_is_a_pipeline_stage(tmp_path):
     keys = set(all_keys())
     sections = {k.split(".")[0] for k in keys}
@@ -62,6 +78,7 @@ def test_the_three_formerly_unhashed_reads_are_hashed():
     assert not changes(distill, [], "gen.temperature=0.3", fake("student"), teacher=teacher, data=data)
     # The held-out split of user data; generation settings do not matter when data= is given.
     assert changes(data_stage, ["data=my.jsonl"], "gen.heldout=0.3", teacher)
+    assert "gen" in data_stage.stage.keys(load_config(['data=""']))   # an empty data= generates
     assert not changes(data_stage, ["data=my.jsonl"], "gen.prompts=7", teacher)
 
 

@@ -12,7 +12,7 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from compress import artifacts
-from compress.config import load_config
+from compress.config import load_config, resolved_threads
 from compress.evaluate import quality
 from compress.evaluate.lm_adapter import RuntimeLM, continuation_score
 from compress.evaluate.runtimes import open_runtime
@@ -177,7 +177,7 @@ def test_gguf_f16_scores_within_one_stderr_of_hf_and_report_shows_tasks(tiny_pai
     assert "## Benchmark tasks" in md and "## Robustness" in md and "## Compression vs the teacher" in md
     # Same config again: the evaluation is reused (tasks are part of the stage's config).
     from compress.evaluate.stage import run as evaluate
-    ident = evaluate.stage.identity(cfg, f16, teacher=hf, data=tiny_data)
+    ident = evaluate.stage.identity(cfg, f16, teacher=hf, data=tiny_data, threads=resolved_threads(cfg))
     assert artifacts.find_done(run_dir / "eval-gguf-F16", ident.stage, ident.config, ident.parents)
 
 

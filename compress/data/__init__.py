@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import artifacts
 from ..errors import UserError
+from ..config import host_cores
 from ..models import cache_dir, load_tokenizer
 from ..stage import stage
 from .prompts import builtin_prompts
@@ -28,11 +29,11 @@ PROMPTS_VERSION = 1   # bump when the built-in prompts change so caches are not 
 
 def _reads(cfg) -> tuple:
     # gen.* shapes the data only when the teacher writes it; the held-out split applies to both.
-    return ("data", "gen") if cfg.data is None else ("data", "gen.heldout")
+    return ("data", "gen") if not cfg.data else ("data", "gen.heldout")
 
 
 @stage("data", reads=_reads, format="data",
-       extra=lambda cfg: {"prompts_version": PROMPTS_VERSION} if cfg.data is None else {})
+       extra=lambda cfg: {} if cfg.data else {"prompts_version": PROMPTS_VERSION})
 def run(cfg, src: artifacts.Artifact, out: Path) -> artifacts.Artifact:
     """src: the teacher artifact (its tokenizer renders chat text; its GGUF generates)."""
     tok = load_tokenizer(str(src.path))
@@ -174,7 +175,7 @@ def generate(cfg, teacher: artifacts.Artifact, tok, prompts: list[str]) -> list[
 def _llama_cpp_sampler(gguf_path: str, cfg):
     """Fast path: llama.cpp on the teacher's own GGUF."""
     from llama_cpp import Llama
-    threads = os.cpu_count() or 1   # this host's cores: the data must not depend on the device profile
+    threads = host_cores()   # this host's cores: the data must not depend on the device profile
     llm = Llama(model_path=gguf_path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                 verbose=False, seed=cfg.gen.seed)
 

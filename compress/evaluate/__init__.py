@@ -11,5 +11,6 @@ from __future__ import annotations
 
 def run(cfg, src, out, *, teacher, data):
     """Quality (ppl, KLD, top-1 vs the teacher), speed and peak memory of `src` -> eval artifact."""
+    from ..config import resolved_threads
     from .stage import run as run_stage
-    return run_stage(cfg, src, out, teacher=teacher, data=data)
+    return run_stage(cfg, src, out, teacher=teacher, data=data, threads=resolved_threads(cfg))

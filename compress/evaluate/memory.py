@@ -17,26 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..stage import peak_rss_mb as process_peak_mb
+
 PREFILL_TOKENS = 128
 DECODE_TOKENS = 8
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS in MiB.
-
-    Linux: VmHWM of the current address space. getrusage's ru_maxrss is not used there because
-    exec keeps the high-water mark of the address space it replaces, and subprocess spawns with
-    vfork, so the child would report the *parent's* peak (torch and all). Elsewhere ru_maxrss.
-    """
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0    # kB
-    except OSError:
-        pass
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0   # macOS: bytes
 
 
 def measure_here(artifact_dir: str, threads: int, prefill: int = PREFILL_TOKENS,
@@ -51,7 +35,7 @@ def measure_here(artifact_dir: str, threads: int, prefill: int = PREFILL_TOKENS,
     tok = rt.prefill(ids)
     for _ in range(decode):
         tok = rt.decode_step(tok)
-    peak = _peak_rss_mb()
+    peak = process_peak_mb()
     rt.close()
     return peak
 

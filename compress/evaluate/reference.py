@@ -11,12 +11,12 @@ every artifact is scored on the same token ids.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .. import artifacts
+from ..config import host_cores
 from ..data import load_user_data, read_texts, token_stream
 from ..errors import UserError
 from ..stage import stage
@@ -62,7 +62,7 @@ def _write(teacher, out: Path, texts_of, seqs: int, seq_len: int) -> artifacts.A
     with artifacts.writing(out) as (tmp, meta):
         np.save(tmp / "ids.npy", ids)
         # this host's cores: log-probs are the same whatever the device profile says
-        rt = TorchRuntime(teacher.path, os.cpu_count() or 1, vocab=len(tok))
+        rt = TorchRuntime(teacher.path, host_cores(), vocab=len(tok))
         try:
             lp = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.float16,
                                            shape=(ids.shape[0], ids.shape[1], rt.vocab))

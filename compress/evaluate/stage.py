@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import artifacts
-from ..config import resolved_threads
 from ..stage import stage
 from . import reference as references
 
@@ -48,16 +47,12 @@ def host() -> dict:
 
 # ---------------------------------------------------------------- the stage
 
-def _reads(cfg) -> tuple:
-    # eval.seqs, seq_len and ood shape the references, which are parents: declaring the whole section
-    # redoes nothing more, and lets a direct call make the references itself. The device's threads
-    # count only when eval.threads does not set them.
-    return ("eval",) + (("device.threads",) if cfg.eval.threads is None else ())
-
-
-@stage("evaluate", inputs=("teacher", "data", "reference", "ood"), reads=_reads, format="eval",
-       extra=lambda cfg: {"threads_used": resolved_threads(cfg)})   # capped by this host's cores
-def run(cfg, src, out, *, teacher, data, reference=None, ood=None) -> artifacts.Artifact:
+# eval.seqs, seq_len and ood shape the references, which are parents: declaring the whole section
+# redoes nothing more, and lets a direct call make the references itself. `threads` is the thread
+# count measured with (config.resolved_threads: eval.threads or the device's, capped by this host).
+@stage("evaluate", inputs=("teacher", "data", "reference", "ood"), reads=("eval",), params=("threads",),
+       format="eval")
+def run(cfg, src, out, *, teacher, data, threads: int, reference=None, ood=None) -> artifacts.Artifact:
     """The runner passes the references; called on its own, the stage makes (or reuses) them."""
     from . import tasks
     from .memory import peak_rss_mb
@@ -68,7 +63,6 @@ def run(cfg, src, out, *, teacher, data, reference=None, ood=None) -> artifacts.
     runtime = check_format(src)   # fail before the (slow) reference when nothing can run src
     if cfg.eval.tasks:
         tasks.check(cfg)          # and before it when a task name or path is wrong
-    threads = resolved_threads(cfg)
     e = cfg.eval
     if reference is None:
         reference = made(references.run, cfg, out.parent / references.REFERENCE, teacher, data=data)
