@@ -104,10 +104,8 @@ def stage(name: str, *, inputs=(), reads=(), params=(), format=None, extra=None)
             view = ConfigView(_root(cfg), spec.keys(cfg), name)
             outer = _current.get()
             token = _current.set(ident)
-            if outer is None:   # a nested stage's memory counts towards the stage that called it
-                ident.gpu_base = memory.reset_peak()
-            else:
-                ident.started, ident.gpu_base = outer.started, outer.gpu_base
+            # a nested stage does not reset the peaks: they belong to the stage that called it
+            ident.gpu_base = memory.reset_peak() if outer is None else outer.gpu_base
             try:
                 return fn(view, src, Path(out), **kwargs)
             finally:
