@@ -96,7 +96,7 @@ def worker(shape: str, loop: str, steps: int, device: str, chunk: int, ckpt: boo
     teacher, student, B, S = build(shape, device)
     cuda = device == "cuda"
     if ckpt and loop == "chunked":   # distill.activation_checkpointing=true
-        from compress.distill.train import activation_checkpointing
+        from compress.distill.step import activation_checkpointing
         activation_checkpointing(student, True)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)

@@ -119,7 +119,7 @@ def writing(out, *, stage: str | None = None, config: dict | None = None, parent
     changes. An existing `out` is replaced only when `force` (the pipeline decides; stages never
     overwrite by themselves).
     """
-    from .stage import current, memory
+    from .stage import cost, current
     ident = current()
     if ident is not None:
         if stage is not None or config is not None or parents is not None:
@@ -143,7 +143,7 @@ def writing(out, *, stage: str | None = None, config: dict | None = None, parent
     try:
         yield tmp, meta
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        meta["cost"] = memory.cost(ident) if ident is not None else None
+        meta["cost"] = cost(ident) if ident is not None else None
         meta["size_bytes"] = file_size(tmp / file) if file != "." else dir_size(tmp)
         _write_json_atomic(tmp / META, meta)
         _swap_into_place(tmp, out)

@@ -25,6 +25,7 @@ BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
 
 
 ONNX_PRECISIONS, ONNX_QUANTS, BNB_QUANTS = export_types("onnx"), quant_types("onnx"), quant_types("bnb")
+DEPTH_METRICS = ("block_influence", "loss")   # how prune scores layers (student/importance.py)
 # Pipeline order; each is a declared stage (compress/stage.py) that `stages=[...]` can redo.
 STAGES = ["teacher", "data", "student", "prune", "distill", "export", "imatrix", "quantize", "layout",
           "reference", "evaluate"]
@@ -70,8 +71,7 @@ class Prune:
     hidden: int | None = key(None, "hidden/embedding width to keep")
     params: str | None = key(None, "overall target: a fraction of the teacher's non-embedding parameters like 0.5, "
                                    "or a total like 60M")
-    # the same names as student/importance.py's DEPTH_METRICS (that module imports torch)
-    depth_metric: str = key("block_influence", "how the layers to drop are scored", choices=("block_influence", "loss"))
+    depth_metric: str = key("block_influence", "how the layers to drop are scored", choices=DEPTH_METRICS)
     multiple: int = key(32, "round pruned widths down to a multiple of this (256 lets GGUF k-quants apply)", ge=1)
     calib_tokens: int = key(2048, "calibration tokens the importance scores are measured on")
 
@@ -389,10 +389,10 @@ def validate(cfg: RunConfig) -> None:
                             "or quantize.gguf=[]")
         return
     UNQUANTIZED, QUANTIZED = export_types("gguf"), quant_types("gguf")
-    for key, names in (("export.gguf", [cfg.export.gguf]), ("quantize.gguf", cfg.quantize.gguf)):
+    for which, names in (("export.gguf", [cfg.export.gguf]), ("quantize.gguf", cfg.quantize.gguf)):
         for n in map(str, names):
             if n not in UNQUANTIZED + QUANTIZED:
-                raise UserError(f"unknown GGUF type {key}={n}{closest(n, UNQUANTIZED + QUANTIZED)}; "
+                raise UserError(f"unknown GGUF type {which}={n}{closest(n, UNQUANTIZED + QUANTIZED)}; "
                                 f"supported: {', '.join(UNQUANTIZED + QUANTIZED)}")
     if str(cfg.export.gguf) not in UNQUANTIZED:
         raise UserError(f"export.gguf={cfg.export.gguf} is a quantized type; export writes one of "

@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Type:
-    bits: float          # bits per quantized weight as the format stores it, block scales included
-    shipped_bits: float  # bits per model weight of the whole file (unquantized embeddings etc.): an upper bound
-    code: int | None = None   # the runtime's own id for the type (llama.cpp's llama_ftype)
+    bits: float                  # bits per quantized weight as the format stores it, block scales included
+    code: int | None = None      # the runtime's own id for the type (llama.cpp's llama_ftype)
+    shipped: float | None = None  # bits per model weight of the whole file, when more than `bits` (upper bound)
+
+    @property
+    def shipped_bits(self) -> float:
+        return self.shipped or self.bits
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,11 @@ class Format:
 # The GGUF types compress builds. code: llama.h's enum llama_ftype. Bits: block bytes * 8 / weights
 # per block (Q8_0: 34 B per 32 weights); the k-quant mixes (_M, _S) as llama.cpp reports them for
 # whole models. export/gguf.py writes the unquantized ones, llama.cpp's quantizer the rest.
-GGUF_EXPORT = {"F16": Type(16, 16, 1), "BF16": Type(16, 16, 32), "F32": Type(32, 32, 0)}
+GGUF_EXPORT = {"F16": Type(16, 1), "BF16": Type(16, 32), "F32": Type(32, 0)}
 GGUF_QUANT = {
-    "Q8_0": Type(8.5, 8.5, 7), "Q6_K": Type(6.56, 6.56, 18), "Q5_K_M": Type(5.7, 5.7, 17),
-    "Q5_0": Type(5.5, 5.5, 8), "Q4_K_M": Type(4.9, 4.9, 15), "Q4_K_S": Type(4.6, 4.6, 14),
-    "Q4_0": Type(4.5, 4.5, 2), "Q4_1": Type(5.0, 5.0, 3), "Q3_K_M": Type(3.9, 3.9, 12),
-    "Q2_K": Type(3.4, 3.4, 10),
+    "Q8_0": Type(8.5, 7), "Q6_K": Type(6.56, 18), "Q5_K_M": Type(5.7, 17), "Q5_0": Type(5.5, 8),
+    "Q4_K_M": Type(4.9, 15), "Q4_K_S": Type(4.6, 14), "Q4_0": Type(4.5, 2), "Q4_1": Type(5.0, 3),
+    "Q3_K_M": Type(3.9, 12), "Q2_K": Type(3.4, 10),
 }
 
 FORMATS = {
@@ -53,13 +56,13 @@ FORMATS = {
     # fp16/bf16 graphs of the onnxruntime-genai builder target CUDA/DML, not the CPU provider.
     # INT8/INT4 are MatMulNBits weight-only; the file keeps fp16 embeddings and an 8-bit lm_head.
     "onnx": Format(
-        "onnx", "onnx", "onnxruntime", {"fp32": Type(32, 32)}, {"int8": Type(8, 13), "int4": Type(4, 5)},
+        "onnx", "onnx", "onnxruntime", {"fp32": Type(32)}, {"int8": Type(8, shipped=13), "int4": Type(4, shipped=5)},
         "compress.export.onnx", "compress.quantize.onnx", order=1,
         commands={"onnxruntime_genai": "python -c \"import onnxruntime_genai as og; m = og.Model({dir!r})\"",
                   "onnxruntime": "python -c \"import onnxruntime as ort; s = ort.InferenceSession({main_str!r})\""}),
     # bitsandbytes LLM.int8() and NF4 HF directories, for GPU servers (torch + CUDA).
     "bnb": Format(
-        "bnb", "hf", "torch", {}, {"int8": Type(8, 13), "nf4": Type(4, 6)}, None, "compress.quantize.bnb",
+        "bnb", "hf", "torch", {}, {"int8": Type(8, shipped=13), "nf4": Type(4, shipped=6)}, None, "compress.quantize.bnb",
         order=0),
 }
 # What evaluates each artifact format, and its place in the report. HF directories (the teacher,

@@ -60,7 +60,7 @@ class Runner:
         forced = self.cfg.force or (self.cfg.stages and spec.name in self.cfg.stages)
         stale_parent = any(p.name in self.redone for p in ident.parents)
         reuse = agree(bool(done and not forced and not stale_parent))
-        self.steps.append(Step(out_name, spec.name, spec.keys(self.cfg), [p.name for p in ident.parents], not reuse))
+        self.steps.append(Step(out_name, spec.name, ident.keys, [p.name for p in ident.parents], not reuse))
         if reuse:
             done = done or artifacts.load(out)
             if not self.dry:

@@ -54,18 +54,20 @@ class Stage:
 
     def identity(self, cfg, src=None, **kwargs) -> Identity:
         """What the artifact is made of: the declared config values, params and parents."""
-        view = ConfigView(_root(cfg), self.keys(cfg), self.name)
-        config = {k: _plain(view._get(k)) for k in self.keys(cfg)}
+        keys = self.keys(cfg)
+        view = ConfigView(_root(cfg), keys, self.name)
+        config = {k: _plain(view._get(k)) for k in keys}
         config.update({p: kwargs.get(p) for p in self.params})
         if self.extra is not None:
             config.update(self.extra(view, **{p: kwargs.get(p) for p in self.params}))
         parents = _flatten([src, *(kwargs.get(name) for name in self.inputs)])
-        return Identity(self.name, config, parents, self.format)
+        return Identity(self.name, keys, config, parents, self.format)
 
 
 @dataclass
 class Identity:
     stage: str
+    keys: tuple      # the config keys the stage declares for this config
     config: dict
     parents: list
     format: str | None
@@ -97,15 +99,15 @@ def stage(name: str, *, inputs=(), reads=(), params=(), format=None, extra=None)
             if unknown:
                 raise TypeError(f"stage {name} takes inputs {spec.inputs} and params {spec.params}, "
                                 f"not {sorted(unknown)}")
-            if isinstance(cfg, ConfigView):   # a stage calling a stage: only keys the caller declared
-                for k in spec.keys(cfg):
-                    cfg._check(k)
             ident = spec.identity(cfg, src, **kwargs)
-            view = ConfigView(_root(cfg), spec.keys(cfg), name)
+            if isinstance(cfg, ConfigView):   # a stage calling a stage: only keys the caller declared
+                for k in ident.keys:
+                    cfg._check(k)
+            view = ConfigView(_root(cfg), ident.keys, name)
             outer = _current.get()
             token = _current.set(ident)
             # a nested stage does not reset the peaks: they belong to the stage that called it
-            ident.gpu_base = memory.reset_peak() if outer is None else outer.gpu_base
+            ident.gpu_base = reset_peaks() if outer is None else outer.gpu_base
             try:
                 return fn(view, src, Path(out), **kwargs)
             finally:
@@ -187,46 +189,34 @@ def _flatten(items) -> list:
     return out
 
 
-def all_keys() -> list[str]:
-    """Every leaf key of the run config, e.g. 'distill.lr'."""
-    from .config import RunConfig
-    from .keys import walk
-    return [k for k, _ in walk(RunConfig)]
-
-
 # ---------------------------------------------------------------- what a stage cost
 
-class memory:
-    """Peak memory of the stage running now: the process's peak RSS and, on CUDA, peak allocated.
+# The peak RSS is reset where the OS allows it (Linux); elsewhere it is the process's peak so far.
+# A stage that resets CUDA's peak itself (distill, for its own figure) shows its training peak.
 
-    The peak RSS is reset where the OS allows it (Linux); elsewhere it is the process's peak so far.
-    A stage that resets CUDA's peak itself (distill, for its own figure) shows its training peak.
-    """
+def reset_peaks() -> int:
+    """Reset the process's peak RSS and CUDA's peak; returns the CUDA bytes already allocated."""
+    try:   # Linux: writing 5 to clear_refs resets VmHWM, the process's peak RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    torch = _torch_if_loaded()
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return 0
 
-    @staticmethod
-    def reset_peak() -> int:
-        """Reset the peaks; returns the CUDA bytes already allocated (0 without CUDA)."""
-        try:   # Linux: writing 5 to clear_refs resets VmHWM, the process's peak RSS
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-        torch = _torch_if_loaded()
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-        return 0
 
-    @staticmethod
-    def cost(ident) -> dict:
-        """{"wall_s", "device", "peak_rss_mb", "peak_gpu_mb"} of the stage `ident` names."""
-        device, gpu = "cpu", None
-        torch = _torch_if_loaded()
-        # on CUDA only when the stage allocated there: tensors left by earlier stages do not count
-        if torch is not None and torch.cuda.is_available() and torch.cuda.max_memory_allocated() > ident.gpu_base:
-            device = torch.cuda.get_device_name()
-            gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        return {"wall_s": round(time.time() - ident.started, 3), "device": device,
-                "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": gpu}
+def cost(ident: Identity) -> dict:
+    """{"wall_s", "device", "peak_rss_mb", "peak_gpu_mb"} of the stage `ident` names, so far."""
+    device, gpu = "cpu", None
+    torch = _torch_if_loaded()
+    # on CUDA only when the stage allocated there: tensors left by earlier stages do not count
+    if torch is not None and torch.cuda.is_available() and torch.cuda.max_memory_allocated() > ident.gpu_base:
+        device = torch.cuda.get_device_name()
+        gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {"wall_s": round(time.time() - ident.started, 3), "device": device,
+            "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": gpu}
 
 
 def peak_rss_mb() -> float:

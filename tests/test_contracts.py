@@ -7,7 +7,12 @@ from compress import artifacts
 from compress.config import STAGES, load_config
 from compress.errors import UserError
 from compress.pipeline import plan
-from compress.stage import ConfigView, UndeclaredKey, all_keys, stage
+from compress.config import RunConfig
+from compress.keys import walk
+from compress.stage import ConfigView, UndeclaredKey, stage
+
+
+all_keys = [k for k, _ in walk(RunConfig)]   # every leaf key of the run config, e.g. 'distill.lr'
 
 
 def fake(name: str, h: str = "0" * 16, fmt: str = "hf") -> artifacts.Artifact:
@@ -47,7 +52,7 @@ def test_a_stage_cannot_reach_undeclared_keys_through_another_stage_or_a_default
 
 
 def test_every_stage_declares_real_keys_and_is_a_pipeline_stage(tmp_path):
-    keys = set(all_keys())
+    keys = set(all_keys)
     sections = {k.split(".")[0] for k in keys}
     configs = [[], ["export.onnx=fp32", "quantize.onnx=[int8,int4]", "export.layout=transformers.js",
                     "quantize.bnb=[int8]"], ["prune.params=0.5", "distill.mode=seqkd"], ["data=x.txt", "eval.ood=none"]]
@@ -145,7 +150,7 @@ def check_every_key(base: list, run_dir) -> int:
     cfg = load_config(base)
     assert not [s.name for s in plan(cfg) if s.redo], "the unchanged config must reuse everything"
     checked = 0
-    for key in all_keys():
+    for key in all_keys:
         if key in CONTROLS:
             continue
         args = [a for a in changes(key, value_of(cfg, key)) if a not in base]
@@ -165,6 +170,6 @@ def check_every_key(base: list, run_dir) -> int:
 
 def test_changes_cover_every_key():
     cfg = load_config([])
-    for key in all_keys():
+    for key in all_keys:
         if key not in CONTROLS:
             load_config(changes(key, value_of(cfg, key)))   # a valid config

@@ -26,7 +26,7 @@ def reference(student, teacher_models, weights, ids, terms, T, beta=0.5, top_k=8
     for n, w in terms.items():
         if n in ("fkl", "rkl", "jsd", "tvd"):
             s, t = F.log_softmax(z / T, -1), losses.mix_teachers([F.log_softmax(x / T, -1) for x in tz], weights)
-            v = kd.term(n, s, t, beta).mean() * T * T
+            v = kd.call(n, (s, t), beta).mean() * T * T
         elif n == "topk":
             val, idx = losses.mix_teachers([F.log_softmax(x, -1) for x in tz], weights).topk(top_k, -1)
             v = losses.topk_kl(F.log_softmax(z, -1), idx, val).mean()
@@ -132,7 +132,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
     teacher = make_tiny(tokenizer, seed=1)
     ids = torch.randint(0, len(tokenizer), (2, 16))
     a, b = make_tiny(tokenizer, seed=2).train(), make_tiny(tokenizer, seed=2).train()
-    from compress.distill.train import activation_checkpointing
+    from compress.distill.step import activation_checkpointing
     activation_checkpointing(b, True)
     want = chunked(a, [teacher], [1.0], ids, {"fkl": 0.9, "ce": 0.1}, 2.0, chunk=9)
     got = chunked(b, [teacher], [1.0], ids, {"fkl": 0.9, "ce": 0.1}, 2.0, chunk=9)

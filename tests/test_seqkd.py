@@ -7,7 +7,7 @@ import torch
 
 from compress import artifacts
 from compress.config import load_config
-from compress.distill import seqkd, train
+from compress.distill import seqkd, step, train
 from compress.errors import UserError
 from conftest import make_tiny
 
@@ -58,9 +58,9 @@ def test_seqkd_stage_trains_on_kept_teacher_samples(tmp_path, tokenizer, tiny_da
 def test_student_continues_keeps_the_prompt_half(tokenizer):
     student = make_tiny(tokenizer, seed=2)
     x = torch.randint(0, len(tokenizer), (2, 16))
-    y = train.student_continues(student, x, seed=0)
+    y = step.student_continues(student, x, seed=0)
     assert y.shape == x.shape and torch.equal(y[:, :8], x[:, :8]) and not torch.equal(y, x)
-    assert torch.equal(y, train.student_continues(student, x, seed=0))     # seeded: resumable
+    assert torch.equal(y, step.student_continues(student, x, seed=0))     # seeded: resumable
 
 
 def test_on_policy_distillation_runs_and_records_the_loss(tmp_path, tokenizer, tiny_data):

@@ -135,8 +135,3 @@ def call(name: str, inputs: tuple, beta: float):
     fn = getattr(losses, t.fn)
     return fn(*inputs, beta) if t.beta else fn(*inputs)
 
-
-def term(name: str, s_logp, t_logp, beta: float):
-    """A "dist" term's per-token values [N] on log-probs [N, V], before the T^2 scale (the tests'
-    whole-logits reference)."""
-    return call(name, (s_logp, t_logp), beta)

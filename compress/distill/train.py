@@ -40,9 +40,7 @@ from ..stage import current, stage
 from . import cache, dist, seqkd, teachers
 from .losses import scheduled
 from .spec import DEFAULT_ALPHA, parse_cache, parse_loss
-# activation_checkpointing and student_continues are read from here by tests and bench/
-from .step import (activation_checkpointing, forward_backward, optimizer_step, save_checkpoint,  # noqa: F401
-                   setup, student_continues, summary)
+from .step import forward_backward, optimizer_step, save_checkpoint, setup, summary
 
 
 SEQKD_GEN = ("gen.prompts", "gen.seed", "gen.max_new_tokens", "gen.temperature", "gen.top_p")

@@ -10,6 +10,7 @@ every artifact is scored on the same token ids.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _ood_digest(cfg) -> dict:
 def run_ood(cfg, src, out: Path) -> artifacts.Artifact:
     """src: the teacher HF artifact; the text is eval.ood (builtin, or a .txt/.jsonl)."""
     spec = cfg.eval.ood
-    texts = (lambda tok: builtin_ood_texts()) if spec == "builtin" else (lambda tok: load_user_data(spec, tok))
+    texts = (lambda tok: list(builtin_ood_texts())) if spec == "builtin" else (lambda tok: load_user_data(spec, tok))
     return _write(src, out, texts, cfg.eval.ood_seqs, cfg.eval.seq_len)
 
 
@@ -102,7 +103,8 @@ OOD_MODULES = ("textwrap", "heapq", "fractions", "shlex", "bisect", "difflib", "
 OOD_CHARS = 2000
 
 
-def builtin_ood_texts() -> list[str]:
+@functools.lru_cache(maxsize=1)   # has_ood, the identity's digest and the stage all read it
+def builtin_ood_texts() -> tuple[str, ...]:
     import sysconfig
     lib = Path(sysconfig.get_paths()["stdlib"])
     texts = []
@@ -113,4 +115,4 @@ def builtin_ood_texts() -> list[str]:
             continue
         start = src.find("\n", len(src) // 2) + 1
         texts.append(src[start:start + OOD_CHARS])
-    return texts
+    return tuple(texts)

@@ -125,7 +125,7 @@ def to_markdown(report: dict, png_name: str | None = "size_quality.png") -> str:
     if png_name:
         out += [f"![size vs quality]({png_name})", ""]
     for title, head, rows, note in extra_tables(report):
-        first = 3 if "Cost to make" in head else 2 if "Recipe" in head else 1   # columns after the names hold numbers
+        first = 2 if "Recipe" in head else 1   # columns after the names hold numbers
         out += [f"## {md_cell(title)}", "", md_table(head, rows, numeric=range(first, len(head))), "", md_cell(note), ""]
     fails = [a for a in arts if a["budget"]["failed"] or a["budget"]["unchecked"]]
     if fails:

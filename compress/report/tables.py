@@ -57,11 +57,12 @@ def compression_table(report: dict):
     rows = report.get("compression") or []
     if not rows:
         return None
-    head = ["Artifact", "Recipe", "Cost to make", "Size MB", "Size ×smaller", "Decode tok/s", "Decode ×faster",
-            "PPL", "PPL ×", "KLD", "OOD KLD", "Task retention"]
-    cells = [[r["name"], r["recipe"], (r.get("cost") or {}).get("summary") or "n/a", fmt_num(r["size_mb"]), _x(r["size_reduction"]), fmt_num(r["decode_tps"]),
+    head = ["Artifact", "Recipe", "Size MB", "Size ×smaller", "Decode tok/s", "Decode ×faster",
+            "PPL", "PPL ×", "KLD", "OOD KLD", "Task retention", "Cost to make"]
+    cells = [[r["name"], r["recipe"], fmt_num(r["size_mb"]), _x(r["size_reduction"]), fmt_num(r["decode_tps"]),
               _x(r["decode_speedup"]), fmt_num(r["ppl"]), _x(r["ppl_change"]), fmt_num(r["kld"]),
-              fmt_num(r["ood_kld"]), _pct(r["task_retention"])] for r in rows]
+              fmt_num(r["ood_kld"]), _pct(r["task_retention"]), (r.get("cost") or {}).get("summary") or "n/a"]
+             for r in rows]
     note = ("Measured on this run, against the teacher as given (HF in torch): size reduction, host decode "
             "speed-up (each artifact in its own runtime, so it includes the runtime change), perplexity "
             "ratio, KLD, and mean task retention above chance. Cost to make: the wall time of every stage "

@@ -18,8 +18,6 @@ import torch.nn.functional as F
 
 from .subset import block_influence, calibration_ids
 
-DEPTH_METRICS = ("block_influence", "loss")
-
 
 def calib_ids(tok, texts: list[str], tokens: int, seq_len: int = 256) -> torch.Tensor:
     """[n, L] calibration ids, about `tokens` in all (L = min(seq_len, tokens))."""
