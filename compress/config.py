@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, closest
-from .formats import LAYOUTS, export_types, quant_types
+from .formats import AUTO_RE, LAYOUTS, export_types, quant_types
 from .keys import check_key, key, markdown, walk
 
 BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
@@ -27,8 +27,8 @@ BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
 ONNX_PRECISIONS, ONNX_QUANTS, BNB_QUANTS = export_types("onnx"), quant_types("onnx"), quant_types("bnb")
 DEPTH_METRICS = ("block_influence", "loss")   # how prune scores layers (student/importance.py)
 # Pipeline order; each is a declared stage (compress/stage.py) that `stages=[...]` can redo.
-STAGES = ["teacher", "data", "student", "prune", "distill", "export", "imatrix", "quantize", "layout",
-          "reference", "evaluate"]
+STAGES = ["teacher", "data", "student", "prune", "distill", "export", "imatrix", "sensitivity", "quantize",
+          "layout", "reference", "evaluate"]
 # `student=path` is shorthand for `student.model=path`.
 SHORTHANDS = {"student": "student.model"}
 
@@ -141,9 +141,13 @@ class Export:
 @dataclass
 class Quantize:
     """Quantized artifacts of the student, and of the teacher as the baseline."""
-    gguf: list = key(["Q8_0", "Q4_K_M", "Q4_0"], "llama.cpp types to build (compress ls formats); [] builds no GGUF")
+    gguf: list = key(["Q8_0", "Q4_K_M", "Q4_0"], "llama.cpp types to build (compress ls formats), and size "
+                                                 "targets: auto (budgets.max_size_mb), auto:80MB, auto:30% "
+                                                 "(a type per tensor, see Auto mix); [] builds no GGUF")
     imatrix: bool = key(True, "GGUF quants use an importance matrix from the calibration (training) data")
     imatrix_tokens: int = key(4096, "tokens the importance matrix is computed on", ge=1)
+    mix_tokens: int = key(1024, "train tokens the auto mix's sensitivity (a forward and backward pass) is "
+                                "measured on", ge=1)
     teacher: bool = key(True, "also quantize the teacher itself (teacher-gguf-*, teacher-onnx-*, "
                               "teacher-bnb-*): the baseline to beat")
     onnx: list = key([], "ONNX weight-only types (MatMulNBits) built from the fp32 ONNX (needs export.onnx)",
@@ -389,18 +393,29 @@ def validate(cfg: RunConfig) -> None:
                             "or quantize.gguf=[]")
         return
     UNQUANTIZED, QUANTIZED = export_types("gguf"), quant_types("gguf")
+    autos = [str(q) for q in cfg.quantize.gguf if AUTO_RE.match(str(q))]
     for which, names in (("export.gguf", [cfg.export.gguf]), ("quantize.gguf", cfg.quantize.gguf)):
         for n in map(str, names):
-            if n not in UNQUANTIZED + QUANTIZED:
-                raise UserError(f"unknown GGUF type {which}={n}{closest(n, UNQUANTIZED + QUANTIZED)}; "
-                                f"supported: {', '.join(UNQUANTIZED + QUANTIZED)}")
+            if n not in UNQUANTIZED + QUANTIZED + tuple(autos):
+                hint = " (a size target is auto, auto:80MB or auto:30%)" if n.startswith("auto") else ""
+                raise UserError(f"unknown GGUF type {which}={n}{closest(n, UNQUANTIZED + QUANTIZED)}{hint}; "
+                                f"supported: {', '.join(UNQUANTIZED + QUANTIZED)} and auto")
     if str(cfg.export.gguf) not in UNQUANTIZED:
         raise UserError(f"export.gguf={cfg.export.gguf} is a quantized type; export writes one of "
                         f"{', '.join(UNQUANTIZED)} and quantize.gguf=[...] lists the quantized types")
     for q in cfg.quantize.gguf:
-        if str(q) not in QUANTIZED:
+        if str(q) not in QUANTIZED + tuple(autos):
             raise UserError(f"quantize.gguf lists {q}, which is not a quantized type; it is made by "
                             f"export.gguf={q}: drop it from quantize.gguf")
+    if len(set(map(str, cfg.quantize.gguf))) < len(cfg.quantize.gguf):
+        raise UserError(f"quantize.gguf={list(cfg.quantize.gguf)} lists a type twice; list each once")
+    if "auto" in autos and cfg.budgets.max_size_mb is None:
+        raise UserError("quantize.gguf=auto sizes the mix to budgets.max_size_mb, which is not set; "
+                        "set budgets.max_size_mb=120 or write auto:120MB")
+    for q in autos:
+        m = AUTO_RE.match(q)
+        if m.group(1) and (float(m.group(1)) <= 0 or (m.group(2) == "%" and float(m.group(1)) > 100)):
+            raise UserError(f"quantize.gguf={q}: a size target is above 0 MB, or a percentage in (0, 100]")
 
 
 def resolved_threads(cfg: RunConfig) -> int:

@@ -11,6 +11,7 @@ its `export.<name>` / `quantize.<name>` keys in config.py and its line in prefli
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -47,6 +48,9 @@ GGUF_QUANT = {
     "Q4_K_M": Type(4.9, 15), "Q4_K_S": Type(4.6, 14), "Q4_0": Type(4.5, 2), "Q4_1": Type(5.0, 3),
     "Q3_K_M": Type(3.9, 12), "Q2_K": Type(3.4, 10),
 }
+
+# A size target instead of a type: llama.cpp types chosen per tensor to fit it (quantize/mix.py).
+AUTO_RE = re.compile(r"auto(?::(\d+(?:\.\d+)?)(MB|%))?$")
 
 FORMATS = {
     "gguf": Format(

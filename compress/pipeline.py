@@ -181,13 +181,17 @@ def onnx_branch(r: Runner, prefix: str, hf, teacher) -> list:
 
 
 def gguf_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
-    """HF artifact -> GGUF export -> importance matrix -> one artifact per quantized type."""
-    from .quantize import imatrix
+    """HF artifact -> GGUF export -> importance matrix -> one artifact per quantized type or size target."""
+    from .quantize import imatrix, mix, sensitivity
     cfg = r.cfg
     f16 = r.step(stage_of("gguf", "export"), f"{prefix}gguf-{cfg.export.gguf}", src=hf, teacher=teacher)
-    imat = None
+    imat = sens = None
     if cfg.quantize.gguf and cfg.quantize.imatrix:
         imat = r.step(imatrix.run, f"{prefix}imatrix", src=hf, data=data_art)
-    quants = [r.step(stage_of("gguf", "quantize"), f"{prefix}gguf-{q}", src=f16, qtype=q, imatrix=imat)
+    if any(mix.is_auto(q) for q in cfg.quantize.gguf):
+        sens = r.step(sensitivity.run, f"{prefix}sensitivity", src=hf, data=data_art)
+    quants = [r.step(mix.run, prefix + mix.artifact_name(q), src=f16, qtype=str(q), imatrix=imat, sensitivity=sens)
+              if mix.is_auto(q) else
+              r.step(stage_of("gguf", "quantize"), f"{prefix}gguf-{q}", src=f16, qtype=q, imatrix=imat)
               for q in cfg.quantize.gguf]
     return [f16, *quants]

@@ -55,7 +55,8 @@ def test_every_stage_declares_real_keys_and_is_a_pipeline_stage(tmp_path):
     keys = set(all_keys)
     sections = {k.split(".")[0] for k in keys}
     configs = [[], ["export.onnx=fp32", "quantize.onnx=[int8,int4]", "export.layout=transformers.js",
-                    "quantize.bnb=[int8]"], ["prune.params=0.5", "distill.mode=seqkd"], ["data=x.txt", "eval.ood=none"]]
+                    "quantize.bnb=[int8]"], ["prune.params=0.5", "distill.mode=seqkd"], ["data=x.txt", "eval.ood=none"],
+               ["budgets.max_size_mb=80", "quantize.gguf=[Q4_0,auto,auto:30%]"]]
     seen = set()
     for extra in configs:
         for step in plan(load_config([f"out={tmp_path}", "name=r", *extra])):

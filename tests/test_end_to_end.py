@@ -10,7 +10,7 @@ from conftest import SHARED
 
 TINY = ["gen.prompts=8", "gen.max_new_tokens=200", "student.layers=4", "distill.tokens=1024",
         "distill.seq_len=128", "distill.batch=2", "distill.checkpoint_every=2",
-        "quantize.gguf=[Q8_0,Q4_K_M]", "quantize.imatrix_tokens=512",
+        "quantize.gguf=[Q8_0,Q4_K_M,auto]", "quantize.imatrix_tokens=512",
         "eval.seqs=2", "eval.seq_len=64", "eval.prefill_tokens=32", "eval.decode_tokens=8", "eval.threads=1"]
 # The phone profile's benchmark task over the local copy (offline); without it, no tasks.
 TINY += ([f"eval.task_data={SHARED}", "eval.limit=8"] if (SHARED / "arc_easy").is_dir() else ["eval.tasks=[]"])
@@ -57,6 +57,13 @@ def test_run_writes_every_artifact_and_a_complete_report(phone_run):
     assert arts["teacher-gguf-F16"]["quality"]["kld"] < 0.01
     assert arts["teacher-gguf-Q8_0"]["quality"]["kld"] < 0.05
     assert arts["teacher-gguf-Q8_0"]["quality"]["top1"] > 0.9
+    # the auto mix fills the phone's 120 MB with a type per tensor, and loses less than Q4_K_M
+    auto = arts["teacher-gguf-auto"]
+    assert auto["quant"] == "auto:120MB" and 100 < auto["size_mb"] <= 120
+    assert auto["quality"]["kld"] < arts["teacher-gguf-Q4_K_M"]["quality"]["kld"]
+    mix = json.loads((run / "teacher-gguf-auto" / "meta.json").read_text())["metrics"]
+    assert len(set(mix["tensors"].values())) > 1 and mix["predicted_kld"] >= 0 and mix["measured_kld"] > 0
+    assert arts["gguf-auto"]["size_mb"] <= 120
     assert "recommended" in report
     cost = {r["name"]: r["cost"] for r in report["compression"]}["gguf-Q4_K_M"]   # what the recipe took
     assert {"teacher", "data", "student", "distill", "export", "imatrix", "quantize"} == set(cost["stages"])
@@ -94,7 +101,7 @@ def test_every_key_redoes_exactly_the_stages_that_read_it(phone_run):
 
 def test_changed_quant_list_only_adds_the_new_artifact(phone_run):
     cwd, _, _ = phone_run
-    args = [a for a in TINY if not a.startswith("quantize.gguf")] + ["quantize.gguf=[Q8_0,Q4_K_M,Q4_0]"]
+    args = [a for a in TINY if not a.startswith("quantize.gguf")] + ["quantize.gguf=[Q8_0,Q4_K_M,auto,Q4_0]"]
     proc = compress("run", "profile=phone", "name=tiny", *args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     made = [l.split()[2] for l in proc.stderr.splitlines() if l.startswith("▶")]

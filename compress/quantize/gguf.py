@@ -25,6 +25,7 @@ from .. import artifacts
 from ..stage import stage
 from ..errors import UserError, closest
 from ..formats import GGUF_QUANT as QUANTIZED
+from .header import tensor_types
 
 OUT_FILE = "model.gguf"
 LOG_FILE = "quantize.log"
@@ -33,14 +34,13 @@ LOG_FILE = "quantize.log"
 @stage("quantize", inputs=("imatrix",), params=("qtype",), format="gguf")
 def run(cfg, src, out, *, qtype: str, imatrix=None) -> artifacts.Artifact:
     """F16/BF16/F32 GGUF artifact `src` -> `qtype` GGUF artifact at `out`."""
-    import gguf
     if qtype not in QUANTIZED:
         raise UserError(f"unknown quantized GGUF type {qtype}{closest(qtype, QUANTIZED)}; "
                         f"supported: {', '.join(QUANTIZED)}")
     with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
         matrix = dict(np.load(imatrix.file)) if imatrix is not None else None
         fallbacks = quantize(src.file, tmp / OUT_FILE, qtype, matrix, tmp / LOG_FILE)
-        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp / OUT_FILE)).tensors}
+        types = tensor_types(tmp / OUT_FILE)
         counts: dict[str, int] = {}
         for t in types.values():
             counts[t] = counts.get(t, 0) + 1
@@ -51,8 +51,14 @@ def run(cfg, src, out, *, qtype: str, imatrix=None) -> artifacts.Artifact:
     return artifacts.load(out)
 
 
-def quantize(src: Path, dst: Path, qtype: str, matrix: dict[str, np.ndarray] | None, log: Path) -> int:
-    """Run llama_model_quantize; returns how many tensors llama.cpp had to give a fallback type."""
+def quantize(src: Path, dst: Path, qtype: str, matrix: dict[str, np.ndarray] | None, log: Path,
+             overrides: dict[str, str] | None = None) -> int:
+    """Run llama_model_quantize; returns how many tensors llama.cpp had to give a fallback type.
+
+    `overrides` {tensor name: ggml type name} sets those tensors' types (llama.cpp's --tensor-type);
+    with it every other tensor gets `qtype`'s base type (--pure) instead of llama.cpp's mix.
+    """
+    import gguf
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTIZED[qtype].code
@@ -60,6 +66,16 @@ def quantize(src: Path, dst: Path, qtype: str, matrix: dict[str, np.ndarray] | N
     keep = []   # the C side only borrows these buffers: they must stay alive during the call
     if matrix:
         params.imatrix = _imatrix_entries(matrix, keep)
+    if overrides:
+        params.pure = True
+        entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()   # zeroed: last one ends it
+        for entry, (name, type_name) in zip(entries, overrides.items()):
+            pattern = ("^" + re.escape(name) + "$").encode()    # a regex to llama.cpp: match this name only
+            keep.append(pattern)
+            entry.pattern = pattern
+            entry.type = int(gguf.GGMLQuantizationType[type_name])
+        keep.append(entries)
+        params.tt_overrides = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     with _stderr_to(log):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     text = log.read_text(errors="replace")

@@ -1,0 +1,326 @@
+"""The best GGUF at a given size: a quantization type per tensor, chosen from measured sensitivity.
+
+    from compress.quantize import mix
+    art = mix.run(cfg, f16, run_dir / "gguf-auto", qtype="auto:120MB", imatrix=im, sensitivity=s)
+    # -> gguf-auto/model.gguf (at most 120 MB) + Modelfile + quantize.log; meta: the type of every tensor
+
+quantize.gguf takes `auto` (the profile's budgets.max_size_mb), `auto:<N>MB` or `auto:<P>%` (of the
+unquantized GGUF) beside fixed types. The steps:
+1. Candidates. Every matrix is quantized to every candidate type its width allows (k-quants need a
+   multiple of 256 columns, the others 32) by ggml_quantize_chunk, the function llama.cpp's
+   quantizer runs on each chunk of rows, with the same importance-matrix row: the bytes scored are
+   the bytes the build writes. Matrices of more than ROWS rows are scored on a sample of rows,
+   drawn in proportion to their weighted size (rows are quantized independently of each other).
+2. Score. Each candidate's rounding error dW is weighed by the sensitivity stage's factors:
+   predicted KL(F16 || candidate) = 1/2 sum_ji row_j col_i dW_ji^2 (diagonal Fisher, K-FAC factored).
+   Errors of different tensors add up (to first order), so the mix's predicted KLD is their sum.
+3. Solve. One type per tensor minimising the summed error under the byte budget: a multiple-choice
+   knapsack, solved exactly by dynamic programming over the budget in units of budget/100,000
+   (sizes rounded up, so the file never exceeds the budget).
+4. Build. llama.cpp quantizes the F16 with the chosen type of every tensor as an override,
+   and the built file's types are checked against the choice. The KLD the mix was predicted to have
+   is measured against the F16 in llama.cpp on train tokens the sensitivity stage set aside.
+Vectors (norms) stay as the F16 stores them, as llama.cpp requires. No library picks GGUF types per
+tensor under a byte budget (llama.cpp takes the overrides, not the choice), hence this module.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import artifacts
+from ..errors import UserError
+from ..formats import AUTO_RE
+from ..stage import stage
+from . import gguf as quantize_gguf
+from .header import tensors_of
+from .sensitivity import tensor_factors
+
+OUT_FILE = "model.gguf"
+# Best first. F16 is kept for budgets above Q8_0; IQ4_NL is the best 4.5-bit type for widths that
+# take no k-quant (llama.cpp's own fallback for them is Q4_0/Q5_0).
+CANDIDATES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "IQ4_NL", "Q4_0", "Q3_K", "Q2_K")
+# llama_ftype whose name the file carries (general.file_type) for a mix led by each type.
+FTYPE_OF = {"F16": "Q8_0", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K": "Q5_K_M", "Q5_1": "Q5_0", "Q5_0": "Q5_0",
+            "Q4_K": "Q4_K_M", "Q4_1": "Q4_1", "IQ4_NL": "Q4_0", "Q4_0": "Q4_0", "Q3_K": "Q3_K_M", "Q2_K": "Q2_K"}
+UNITS = 100_000   # knapsack resolution: the budget in this many steps
+ROWS = 256        # rows scored per tensor, drawn in proportion to their weighted size
+
+
+def is_auto(qtype) -> bool:
+    return bool(AUTO_RE.match(str(qtype)))
+
+
+def parse(qtype: str) -> tuple[float | None, str | None]:
+    """'auto' -> (None, None); 'auto:80MB' -> (80, 'MB'); 'auto:30%' -> (30, '%')."""
+    m = AUTO_RE.match(str(qtype))
+    if not m:
+        raise UserError(f"{qtype} is not a size target; write auto (budgets.max_size_mb), auto:80MB or auto:30%")
+    return (float(m.group(1)), m.group(2)) if m.group(1) else (None, None)
+
+
+def artifact_name(qtype: str) -> str:
+    """'auto' -> 'gguf-auto'; 'auto:80MB' -> 'gguf-auto-80MB'; 'auto:30%' -> 'gguf-auto-30pct'."""
+    return "gguf-" + str(qtype).replace(":", "-").replace("%", "pct")
+
+
+def _reads(cfg) -> tuple:
+    return ("budgets.max_size_mb",) if "auto" in map(str, cfg.quantize.gguf) else ()
+
+
+@dataclass
+class Tensor:
+    name: str
+    rows: int
+    cols: int
+
+
+@stage("quantize", inputs=("imatrix", "sensitivity"), params=("qtype",), reads=_reads, format="gguf")
+def run(cfg, src, out, *, qtype: str, imatrix=None, sensitivity=None) -> artifacts.Artifact:
+    """F16 GGUF artifact `src` -> the GGUF mix with the least predicted KLD at `qtype`'s size."""
+    if sensitivity is None:
+        raise UserError(f"quantize.gguf={qtype} needs the sensitivity stage's statistics")
+    budget_mb = budget_of(qtype, src, cfg)
+    matrix = dict(np.load(imatrix.file)) if imatrix is not None else None
+    stats = dict(np.load(sensitivity.file))
+    stored = tensors_of(src.file)
+    tensors = [Tensor(name, t.rows, t.cols) for name, t in stored.items()]
+    # Bytes the choice does not change: header, metadata, vectors; and each matrix's worst alignment padding.
+    fixed = Path(src.file).stat().st_size - sum(t.data.nbytes for t in stored.values()) + 32 * len(stored)
+    budget = int(budget_mb * 1e6) - fixed
+    allowed = {t.name: allowed_types(t.cols) for t in tensors}
+    smallest = sum(min(type_bytes(k, t.rows, t.cols) for k in allowed[t.name]) for t in tensors)
+    if smallest > budget:
+        raise UserError(f"quantize.gguf={qtype}: {budget_mb:.1f} MB is below the smallest mix of this model, "
+                        f"{(smallest + fixed) / 1e6:.1f} MB; give a larger size target")
+    with artifacts.writing(out, quant=f"auto:{budget_mb:g}MB", file=OUT_FILE) as (tmp, meta):
+        t0 = time.time()
+        options = measure(src.file, tensors, allowed, stats, matrix)
+        t1 = time.time()
+        try:
+            picks = solve([[(b, e) for _, b, e in options[t.name]] for t in tensors], budget)
+        except Infeasible as e:
+            raise UserError(f"quantize.gguf={qtype}: no mix of the types llama.cpp allows fits {budget_mb:.1f} MB "
+                            f"({e}); give a larger size target") from None
+        chosen = {t.name: options[t.name][k][0] for t, k in zip(tensors, picks)}
+        predicted = 0.5 * sum(options[t.name][k][2] for t, k in zip(tensors, picks))
+        lead = max(CANDIDATES, key=lambda k: sum(type_bytes(k, t.rows, t.cols) for t in tensors if chosen[t.name] == k))
+        quantize_gguf.quantize(Path(src.file), tmp / OUT_FILE, FTYPE_OF[lead], matrix, tmp / "quantize.log",
+                               overrides=chosen)
+        built = {name: t.type for name, t in tensors_of(tmp / OUT_FILE).items()}
+        wrong = {n: (k, built.get(n)) for n, k in chosen.items() if built.get(n) != k}
+        if wrong:
+            raise RuntimeError(f"llama.cpp did not build the chosen types (chosen, built): {wrong}")
+        size = (tmp / OUT_FILE).stat().st_size
+        counts: dict[str, int] = {}
+        for k in built.values():
+            counts[k] = counts.get(k, 0) + 1
+        quantize_gguf._modelfile(src, tmp)
+        meta["params"] = src.meta.get("params")
+        meta["metrics"] = {
+            "budget_mb": budget_mb, "size_mb": round(size / 1e6, 3), "tensor_types": counts, "tensors": built,
+            "imatrix": imatrix is not None, "predicted_kld": predicted,
+            "measured_kld": measured_kld(src.file, tmp / OUT_FILE, stats.get("check_ids")),
+            "check_tokens": int(len(stats.get("check_ids", ()))),
+            "predicted_kld_uniform": uniform_predictions(tensors, options),
+            "seconds": {"candidates": round(t1 - t0, 1), "solve_build": round(time.time() - t1, 1)}}
+    return artifacts.load(out)
+
+
+def budget_of(qtype: str, src, cfg) -> float:
+    """The size target in MB (1e6 bytes) of the whole file."""
+    value, unit = parse(qtype)
+    if value is None:
+        mb = cfg.budgets.max_size_mb
+        if mb is None:
+            raise UserError("quantize.gguf=auto sizes the mix to budgets.max_size_mb, which is not set; "
+                            "set it or write auto:80MB")
+        return float(mb)
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise UserError(f"quantize.gguf={qtype}: a percentage of the unquantized GGUF is in (0, 100]")
+        return value / 100 * Path(src.file).stat().st_size / 1e6
+    if value <= 0:
+        raise UserError(f"quantize.gguf={qtype}: the size target must be above 0 MB")
+    return value
+
+
+# ---------------------------------------------------------------- candidates
+
+def allowed_types(cols: int, candidates=CANDIDATES) -> list[str]:
+    """The candidate types a matrix with `cols` columns can be stored in (rows are quantized in blocks)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    return [k for k in candidates if cols % GGML_QUANT_SIZES[GGMLQuantizationType[k]][0] == 0]
+
+
+def type_bytes(qtype: str, rows: int, cols: int) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return rows * (cols // block) * size
+
+
+def measure(src: Path, tensors: list[Tensor], allowed: dict, stats: dict, matrix) -> dict:
+    """{tensor: [(type, bytes, weighted squared error)]} for every type its width allows.
+
+    Each candidate is made by ggml_quantize_chunk, the function llama.cpp's quantizer calls for every
+    chunk of rows (with the same importance matrix row), so the scored bytes are the ones the build
+    writes. Tensors with more than ROWS rows are scored on ROWS rows drawn with probability
+    proportional to their weighted size: an unbiased estimate of the whole tensor's error, and every
+    type of a tensor is scored on the same rows, so they compare without sampling noise between them.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from gguf.quants import dequantize
+    ref = tensors_of(src)
+    factors = {t.name: tensor_factors(stats, t.name) for t in tensors}
+    missing = [n for n, f in factors.items() if not f]
+    if missing:
+        raise UserError(f"the sensitivity statistics have no entry for {missing[0]}; re-run stages=[sensitivity]")
+    options: dict[str, list] = {}
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:   # ggml and numpy release the GIL
+        for t in tensors:
+            w = dequantize(ref[t.name].data, gguf_type(ref[t.name].type)).astype(np.float32)
+            idx, weight = sample_rows(factors[t.name], w)
+            rows = np.ascontiguousarray(w[idx])
+            im = matrix.get(t.name) if matrix else None
+
+            def score(k, t=t, rows=rows, idx=idx, weight=weight, im=im):
+                q = rows.astype(np.float16).astype(np.float32) if k == "F16" else \
+                    dequantize(ggml_quantize(rows, k, im), gguf_type(k)).astype(np.float32)
+                d2 = np.square(rows - q, dtype=np.float32)
+                err = sum(float((r[idx] * weight) @ (d2 @ c).astype(np.float64)) for r, c in factors[t.name])
+                return k, type_bytes(k, t.rows, t.cols), err
+            options[t.name] = list(pool.map(score, allowed[t.name]))
+    return options
+
+
+def sample_rows(pairs, w: np.ndarray, limit: int = ROWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to score and the weight of each row's error in the tensor's total (all rows: weight 1)."""
+    n = w.shape[0]
+    if n <= limit:
+        return np.arange(n), np.ones(n)
+    size = sum(r.astype(np.float64) * (np.square(w, dtype=np.float32) @ c) for r, c in pairs) + 1e-30
+    p = size / size.sum()
+    draws = np.random.default_rng(seed).choice(n, size=limit, replace=True, p=p)
+    idx, counts = np.unique(draws, return_counts=True)
+    return idx, counts / (limit * p[idx])    # Hansen-Hurwitz: each draw stands for 1 / (limit p) of the total
+
+
+def ggml_quantize(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None) -> np.ndarray:
+    """float32 [n, cols] -> the type's blocks, uint8 [n, row bytes], by llama.cpp's own ggml."""
+    lib = _ggml()
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n, cols = rows.shape
+    out = np.empty((n, type_bytes(qtype, 1, cols)), dtype=np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    lib.ggml_quantize_chunk(int(gguf_type(qtype)), rows.ctypes.data, out.ctypes.data, 0, n, cols,
+                            None if im is None else im.ctypes.data)
+    return out
+
+
+_LIB = None
+
+
+def _ggml():
+    """llama-cpp-python's bundled ggml: the library its llama.cpp quantizes with."""
+    import ctypes
+    global _LIB
+    if _LIB is None:
+        import llama_cpp
+        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        path = next((p for p in sorted(lib_dir.glob("*ggml-base*"))), None)
+        if path is None:
+            raise UserError(f"llama-cpp-python's ggml library is missing from {lib_dir}; reinstall llama-cpp-python")
+        lib = ctypes.CDLL(str(path))
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        _LIB = lib
+    return _LIB
+
+
+def gguf_type(name: str):
+    from gguf import GGMLQuantizationType
+    return GGMLQuantizationType[name]
+
+
+# llama.cpp's own fallback for a width a k-quant cannot store (llama-quant.cpp, tensor_type_fallback).
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def uniform_predictions(tensors: list[Tensor], options: dict) -> dict:
+    """Predicted KLD of each candidate type given to every matrix (with llama.cpp's fallbacks)."""
+    out = {}
+    for k in CANDIDATES:
+        total = 0.0
+        for t in tensors:
+            errs = {typ: e for typ, _, e in options[t.name]}
+            total += errs.get(k, errs.get(FALLBACK.get(k), errs.get("F16", 0.0)))
+        out[k] = 0.5 * total
+    return out
+
+
+# ---------------------------------------------------------------- the choice
+
+class Infeasible(ValueError):
+    pass
+
+
+def solve(options: list[list[tuple[int, float]]], budget: int, units: int = UNITS) -> list[int]:
+    """Pick one (bytes, error) option per item minimising total error with total bytes <= budget.
+
+    Dynamic programming over the budget in `units` steps; item sizes are rounded up to whole steps,
+    so the answer always fits and is exact when sizes are multiples of the step (budget <= units).
+    """
+    if any(not o for o in options):
+        raise ValueError("every item needs at least one option")
+    smallest = sum(min(b for b, _ in o) for o in options)
+    if smallest > budget:
+        raise Infeasible(f"the smallest choice takes {smallest} bytes, above the budget of {budget}")
+    unit = max(1, math.ceil(budget / units))
+    cap = budget // unit
+    best = np.zeros(cap + 1)           # least error over the items so far, within c units
+    choice = np.zeros((len(options), cap + 1), dtype=np.int16)
+    for i, opts in enumerate(options):
+        new = np.full(cap + 1, np.inf)
+        for k, (b, e) in enumerate(opts):
+            w = -(-b // unit)
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[w:] = best[:cap + 1 - w] + e
+            better = cand < new
+            new[better] = cand[better]
+            choice[i, better] = k
+        best = new
+    if not np.isfinite(best[cap]):
+        raise Infeasible(f"no choice fits {budget} bytes at a step of {unit} bytes")
+    picks, c = [0] * len(options), cap
+    for i in range(len(options) - 1, -1, -1):
+        k = int(choice[i, c])
+        picks[i] = k
+        c -= -(-options[i][k][0] // unit)
+    return picks
+
+
+# ---------------------------------------------------------------- the check
+
+def measured_kld(f16: Path, mixed: Path, ids) -> float | None:
+    """KL(F16 || mix) per token in llama.cpp on the held-back train tokens; None without them."""
+    from ..evaluate.quality import kld
+    from ..evaluate.runtimes import LlamaCppRuntime
+    if ids is None or len(ids) < 2:
+        return None
+    ids = [int(i) for i in ids]
+    lps = []
+    for path in (f16, mixed):
+        rt = LlamaCppRuntime(str(path), os.cpu_count() or 1, n_ctx=len(ids))
+        try:
+            lps.append(rt.logprobs(ids))
+        finally:
+            rt.close()
+    return kld(*lps)
