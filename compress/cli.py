@@ -101,6 +101,8 @@ def list_things(rest: list[str]) -> int:
                 if types:
                     print(f"{kind + '.' + f.name + ':':15s}" + " ".join(f"{t} ({v.bits:g} bits)" for t, v in types.items())
                           + f"   runs in {f.runtime}")
+        print("quantize.gguf: also a size target, a llama.cpp type per tensor: auto (budgets.max_size_mb), "
+              "auto:80MB, auto:30% (of the unquantized GGUF)")
         print("export.layout: " + " ".join(LAYOUTS))
     elif what == "keys":
         from .config import RunConfig

@@ -146,7 +146,7 @@ class Quantize:
                                                  "(a type per tensor, see Auto mix); [] builds no GGUF")
     imatrix: bool = key(True, "GGUF quants use an importance matrix from the calibration (training) data")
     imatrix_tokens: int = key(4096, "tokens the importance matrix is computed on", ge=1)
-    mix_tokens: int = key(1024, "train tokens the auto mix's sensitivity (a forward and backward pass) is "
+    mix_tokens: int = key(512, "train tokens the auto mix's sensitivity (a forward and backward pass) is "
                                 "measured on", ge=1)
     teacher: bool = key(True, "also quantize the teacher itself (teacher-gguf-*, teacher-onnx-*, "
                               "teacher-bnb-*): the baseline to beat")

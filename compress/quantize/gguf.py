@@ -44,7 +44,7 @@ def run(cfg, src, out, *, qtype: str, imatrix=None) -> artifacts.Artifact:
         counts: dict[str, int] = {}
         for t in types.values():
             counts[t] = counts.get(t, 0) + 1
-        _modelfile(src, tmp)
+        modelfile(src, tmp)
         meta["params"] = src.meta.get("params")
         meta["metrics"] = {"tensor_types": counts, "tensors": types, "fallbacks": fallbacks,
                            "imatrix": imatrix is not None}
@@ -129,10 +129,10 @@ def _stderr_to(path: Path):
             os.close(saved_fd)
 
 
-def _modelfile(src, tmp: Path) -> None:
+def modelfile(src, tmp: Path) -> None:
     """The F16's Modelfile fits every quant of it; regenerate it if the F16 has none."""
     if (src.path / "Modelfile").is_file():
         shutil.copyfile(src.path / "Modelfile", tmp / "Modelfile")
     else:
         from ..export.modelfile import chat_info, write_modelfile
-        write_modelfile(tmp, *chat_info(tmp / OUT_FILE))
+        writemodelfile(tmp, *chat_info(tmp / OUT_FILE))
