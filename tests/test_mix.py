@@ -58,6 +58,20 @@ def test_solver_refuses_a_budget_below_the_smallest_choice():
         mix.solve([[(10, 1.0), (20, 0.5)], [(20, 1.0)]], 29)
 
 
+def test_refine_sees_errors_of_different_tensors_that_add_up():
+    # alone, each tensor's "grid" type looks cheapest; together its errors push every token the same way
+    same = np.ones(64)
+    alternating = np.tile([1.1, -1.1], 32)
+    opts = [[mix.Option("F16", 100, 0.0, np.zeros(64)), mix.Option("Q4_1", 50, 1.0, same),
+             mix.Option("Q4_0", 50, 1.21, alternating * sign)] for sign in (1, -1)]
+    picks = mix.solve([[(o.bytes, o.err) for o in os_] for os_ in opts], 100)
+    assert [opts[i][k].type for i, k in enumerate(picks)] == ["Q4_1", "Q4_1"]
+    assert mix.objective([opts[i][k] for i, k in enumerate(picks)]) == pytest.approx(4.0)
+    better = mix.refine(opts, picks, 100)
+    assert sum(opts[i][k].bytes for i, k in enumerate(better)) <= 100
+    assert mix.objective([opts[i][k] for i, k in enumerate(better)]) < 2.5
+
+
 def test_widths_allow_only_the_types_llama_cpp_can_store():
     assert mix.allowed_types(576) == ["F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]   # SmolLM2's width
     assert mix.allowed_types(1536) == list(mix.CANDIDATES)

@@ -81,6 +81,14 @@ class Tensor:
     cols: int
 
 
+@dataclass
+class Option:
+    type: str
+    bytes: int
+    err: float          # 2 x the predicted KL of this tensor's rounding alone
+    vec: np.ndarray     # per sampled token, the first-order change of log p it makes (empty: none)
+
+
 @stage("quantize", inputs=("imatrix", "sensitivity"), params=("qtype",), reads=_reads, format="gguf")
 def run(cfg, src, out, *, qtype: str, imatrix=None, sensitivity=None) -> artifacts.Artifact:
     """F16 GGUF artifact `src` -> the GGUF mix with the least predicted KLD at `qtype`'s size."""
@@ -104,12 +112,13 @@ def run(cfg, src, out, *, qtype: str, imatrix=None, sensitivity=None) -> artifac
         options = measure(src.file, tensors, allowed, stats, matrix)
         t1 = time.time()
         try:
-            picks = solve([[(b, e) for _, b, e in options[t.name]] for t in tensors], budget)
+            opts = [options[t.name] for t in tensors]
+            picks = refine(opts, solve([[(o.bytes, o.err) for o in os_] for os_ in opts], budget), budget)
         except Infeasible as e:
             raise UserError(f"quantize.gguf={qtype}: no mix of the types llama.cpp allows fits {budget_mb:.1f} MB "
                             f"({e}); give a larger size target") from None
-        chosen = {t.name: options[t.name][k][0] for t, k in zip(tensors, picks)}
-        predicted = 0.5 * sum(options[t.name][k][2] for t, k in zip(tensors, picks))
+        chosen = {t.name: options[t.name][k].type for t, k in zip(tensors, picks)}
+        predicted = 0.5 * objective([options[t.name][k] for t, k in zip(tensors, picks)])
         built = build(Path(src.file), tmp / OUT_FILE, tensors, chosen, matrix)
         size = (tmp / OUT_FILE).stat().st_size
         counts: dict[str, int] = {}
@@ -172,7 +181,7 @@ def type_bytes(qtype: str, rows: int, cols: int) -> int:
 
 
 def measure(src: Path, tensors: list[Tensor], allowed: dict, stats: dict, matrix) -> dict:
-    """{tensor: [(type, bytes, predicted 2 x KL)]} for every type its width allows.
+    """{tensor: [Option]} for every type its width allows.
 
     Each candidate is made by ggml_quantize_chunk, the function llama.cpp's quantizer calls for every
     chunk of rows (with the same importance-matrix row), so the bytes scored are the bytes the build
@@ -198,12 +207,13 @@ def measure(src: Path, tensors: list[Tensor], allowed: dict, stats: dict, matrix
                 q = w.astype(np.float16).astype(np.float32) if k == "F16" else \
                     dequantize(ggml_quantize(w, k, im), gguf_type(k)).astype(np.float32)
                 dw = q - w
-                err = 0.0
-                if x is not None:
-                    err += float(np.mean(np.square(((x @ dw.T) * d).sum(1), dtype=np.float64)))
+                err, vec = 0.0, np.zeros(len(x) if x is not None else 0)
+                if x is not None:   # each sampled token's first-order change of log p: d_t^T dW x_t
+                    vec = ((x @ dw.T) * d).sum(1).astype(np.float64)
+                    err += float(np.mean(np.square(vec)))
                 if lookup is not None:
                     err += float(lookup_w @ (np.square(dw) @ lookup[1]).astype(np.float64))
-                return k, type_bytes(k, t.rows, t.cols), err
+                return Option(k, type_bytes(k, t.rows, t.cols), err, vec)
             options[t.name] = list(pool.map(score, allowed[t.name]))
     return options
 
@@ -274,11 +284,11 @@ def uniform_predictions(tensors: list[Tensor], options: dict) -> dict:
     """Predicted KLD of each candidate type given to every matrix (with llama.cpp's fallbacks)."""
     out = {}
     for k in CANDIDATES:
-        total = 0.0
+        picked = []
         for t in tensors:
-            errs = {typ: e for typ, _, e in options[t.name]}
-            total += errs.get(k, errs.get(FALLBACK.get(k), errs.get("F16", 0.0)))
-        out[k] = 0.5 * total
+            by_type = {o.type: o for o in options[t.name]}
+            picked.append(by_type.get(k) or by_type.get(FALLBACK.get(k)) or by_type.get("F16") or options[t.name][0])
+        out[k] = 0.5 * objective(picked)
     return out
 
 
@@ -322,6 +332,53 @@ def solve(options: list[list[tuple[int, float]]], budget: int, units: int = UNIT
         k = int(choice[i, c])
         picks[i] = k
         c -= -(-options[i][k][0] // unit)
+    return picks
+
+
+def objective(chosen: list[Option]) -> float:
+    """2 x predicted KL of a whole mix: the tensors' first-order changes of log p add up per token
+    before they are squared, so errors that push the same way (rounding that undoes the same
+    training update everywhere) count together; the embedding lookups' diagonal terms add."""
+    vecs = [o.vec for o in chosen if len(o.vec)]
+    total = np.sum(vecs, axis=0) if vecs else np.zeros(1)
+    return float(np.mean(np.square(total))) + sum(o.err - float(np.mean(np.square(o.vec))) if len(o.vec) else o.err
+                                                  for o in chosen)
+
+
+def refine(options: list[list[Option]], picks: list[int], budget: int, passes: int = 4) -> list[int]:
+    """Local search from the knapsack's choice on the whole mix's objective (objective()), one tensor
+    at a time, never above the budget: the knapsack sees each tensor alone and cannot see errors of
+    different tensors that add up."""
+    picks = list(picks)
+    vec_sum = np.sum([options[i][k].vec for i, k in enumerate(picks) if len(options[i][k].vec)], axis=0) \
+        if any(len(options[i][k].vec) for i, k in enumerate(picks)) else None
+    size = sum(options[i][k].bytes for i, k in enumerate(picks))
+    if vec_sum is None:
+        return picks
+
+    def own(o):   # this option's part of the objective besides the shared per-token sum
+        return o.err - (float(np.mean(np.square(o.vec))) if len(o.vec) else 0.0)
+
+    for _ in range(passes):
+        changed = False
+        for i, opts in enumerate(options):
+            cur = opts[picks[i]]
+            rest = vec_sum - cur.vec if len(cur.vec) else vec_sum
+
+            def cost(o):
+                return float(np.mean(np.square(rest + o.vec if len(o.vec) else rest))) + own(o)
+            best_k, best = picks[i], cost(cur)
+            for k, o in enumerate(opts):
+                if size - cur.bytes + o.bytes <= budget and cost(o) < best * (1 - 1e-9):
+                    best_k, best = k, cost(o)
+            if best_k != picks[i]:
+                new = opts[best_k]
+                vec_sum = rest + new.vec if len(new.vec) else rest
+                size += new.bytes - cur.bytes
+                picks[i] = best_k
+                changed = True
+        if not changed:
+            break
     return picks
 
 
