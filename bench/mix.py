@@ -78,7 +78,7 @@ def main():
         for t in args.types.split(","):
             uni = quantize_gguf.run(cfg, f16, work / f"{source}-gguf-{t}", qtype=t, imatrix=im)
             u = quality(cfg, uni, work, run, threads)
-            target = f"auto:{math.floor(u['mb'] * 1000) / 1000:g}MB"
+            target = f"auto:{math.ceil(u['mb'] * 1000) / 1000:g}MB"   # the uniform file fits it too
             t0 = time.time()
             am = mix.run(cfg, f16, work / f"{source}-{mix.artifact_name(target)}", qtype=target, imatrix=im,
                          sensitivity=sens)

@@ -218,3 +218,23 @@ def test_scored_candidates_are_the_bytes_llama_cpp_writes(built):
                 assert np.array_equal(mix.ggml_quantize(w, t.type, matrix.get(name)), t.data), (qtype, name)
                 checked += 1
         assert checked >= 3
+
+
+def test_a_misled_mix_loses_to_llama_cpps_own_type_which_then_ships(built, tmp_path):
+    """Statistics that say only the embedding table matters make the mix give every layer the fewest
+    bits; the measured check ships llama.cpp's own type of the largest size that fits."""
+    from compress import artifacts
+    cfg, work, f16, im, sens = built
+    stats = dict(np.load(sens.file))
+    blind = {k: (np.zeros_like(v) if k.startswith("d/blk.") else v) for k, v in stats.items()}
+    with artifacts.writing(tmp_path / "blind", stage="sensitivity", config={}, parents=[], format="sensitivity",
+                           file="sensitivity.npz") as (tmp, meta):
+        np.savez(tmp / "sensitivity.npz", **blind)
+    art = mix.run(cfg, f16, work / "gguf-auto-blind", qtype="auto:45%", imatrix=im,
+                  sensitivity=artifacts.load(tmp_path / "blind"))
+    m = art.meta["metrics"]
+    assert m["uniform"]["type"] in mix.UNIFORM, m
+    assert m["shipped"] == m["uniform"]["type"] and m["uniform"]["measured_kld"] < m["measured_kld"], {k: m[k] for k in ("tensor_types", "uniform", "measured_kld", "predicted_kld")}
+    assert art.file.stat().st_size <= m["budget_mb"] * 1e6
+    assert m["tensors"] == {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(art.file)).tensors
+                            if len(t.shape) == 2}

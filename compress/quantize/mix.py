@@ -20,6 +20,9 @@ unquantized GGUF) beside fixed types. The steps:
 4. Build. llama.cpp quantizes the F16 with the chosen type of every tensor as an override,
    and the built file's types are checked against the choice. The KLD the mix was predicted to have
    is measured against the F16 in llama.cpp on train tokens the sensitivity stage set aside.
+5. Check. The largest of llama.cpp's own types whose file fits the budget is measured on the same
+   tokens, and ships instead of the mix when it loses less (meta: "shipped"), so a size target
+   never gives less than llama.cpp would have at that size.
 Vectors (norms) stay as the F16 stores them, as llama.cpp requires. No library picks GGUF types per
 tensor under a byte budget (llama.cpp takes the overrides, not the choice), hence this module.
 """
@@ -120,6 +123,24 @@ def run(cfg, src, out, *, qtype: str, imatrix=None, sensitivity=None) -> artifac
         chosen = {t.name: options[t.name][k].type for t, k in zip(tensors, picks)}
         predicted = 0.5 * objective([options[t.name][k] for t, k in zip(tensors, picks)])
         built = build(Path(src.file), tmp / OUT_FILE, tensors, chosen, matrix)
+        ids = stats.get("check_ids")
+        ref = logprobs(Path(src.file), ids)
+        mix_kld = kld_to(ref, tmp / OUT_FILE, ids)
+        # The prediction can miss (see sensitivity.py); llama.cpp's own type of the largest size that
+        # fits is measured on the same check tokens, and ships instead when it loses less.
+        uniform = best_uniform(Path(src.file), int(budget_mb * 1e6), sum(t.rows * t.cols for t in tensors),
+                               fixed, matrix, tmp) if ref is not None else None
+        shipped = "mix"
+        if uniform is not None:
+            u_type, u_path = uniform
+            u_kld = kld_to(ref, u_path, ids)
+            uniform = {"type": u_type, "size_mb": round(u_path.stat().st_size / 1e6, 3), "measured_kld": u_kld}
+            if u_kld < mix_kld:
+                u_path.replace(tmp / OUT_FILE)
+                (tmp / f"uniform-{u_type}.log").replace(tmp / "quantize.log")
+                built, shipped = tensor_types_2d(tmp / OUT_FILE), u_type
+        for leftover in tmp.glob("uniform-*"):
+            leftover.unlink()
         size = (tmp / OUT_FILE).stat().st_size
         counts: dict[str, int] = {}
         for k in built.values():
@@ -128,9 +149,8 @@ def run(cfg, src, out, *, qtype: str, imatrix=None, sensitivity=None) -> artifac
         meta["params"] = src.meta.get("params")
         meta["metrics"] = {
             "budget_mb": budget_mb, "size_mb": round(size / 1e6, 3), "tensor_types": counts, "tensors": built,
-            "imatrix": imatrix is not None, "predicted_kld": predicted,
-            "measured_kld": measured_kld(src.file, tmp / OUT_FILE, stats.get("check_ids")),
-            "check_tokens": int(len(stats.get("check_ids", ()))),
+            "shipped": shipped, "imatrix": imatrix is not None, "predicted_kld": predicted,
+            "measured_kld": mix_kld, "uniform": uniform, "check_tokens": int(len(ids)) if ids is not None else 0,
             "predicted_kld_uniform": uniform_predictions(tensors, options),
             "seconds": {"candidates": round(t1 - t0, 1), "solve_build": round(time.time() - t1, 1)}}
     return artifacts.load(out)
@@ -384,18 +404,45 @@ def refine(options: list[list[Option]], picks: list[int], budget: int, passes: i
 
 # ---------------------------------------------------------------- the check
 
-def measured_kld(f16: Path, mixed: Path, ids) -> float | None:
-    """KL(F16 || mix) per token in llama.cpp on the held-back train tokens; None without them."""
-    from ..evaluate.quality import kld
+def logprobs(path: Path, ids) -> np.ndarray | None:
+    """[T, V] log-probs of a GGUF in llama.cpp on the check tokens; None without them."""
     from ..evaluate.runtimes import LlamaCppRuntime
     if ids is None or len(ids) < 2:
         return None
-    ids = [int(i) for i in ids]
-    lps = []
-    for path in (f16, mixed):
-        rt = LlamaCppRuntime(str(path), os.cpu_count() or 1, n_ctx=len(ids))
-        try:
-            lps.append(rt.logprobs(ids))
-        finally:
-            rt.close()
-    return kld(*lps)
+    rt = LlamaCppRuntime(str(path), os.cpu_count() or 1, n_ctx=len(ids))
+    try:
+        return rt.logprobs([int(i) for i in ids])
+    finally:
+        rt.close()
+
+
+def kld_to(ref, path: Path, ids) -> float | None:
+    """KL(F16 || this file) per token in llama.cpp on the check tokens (train tokens the
+    sensitivity stage set aside); None without them."""
+    from ..evaluate.quality import kld
+    return None if ref is None else kld(ref, logprobs(path, ids))
+
+
+# llama.cpp's own types the mix is checked against, largest first.
+UNIFORM = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q4_0", "Q2_K")
+
+
+def best_uniform(src: Path, budget: int, weights: int, fixed: int, matrix, tmp: Path):
+    """(type, file) of the largest of llama.cpp's own types whose file fits `budget` bytes, or None.
+
+    Sizes are known only once quantized (widths that take no k-quant fall back to larger types), so
+    a type whose nominal bits already fit is quantized and kept if the file does."""
+    from ..formats import GGUF_QUANT
+    for q in UNIFORM:
+        if fixed + weights * GGUF_QUANT[q].bits / 8 > budget:
+            continue
+        path = tmp / f"uniform-{q}.gguf"
+        quantize_gguf.quantize(src, path, q, matrix, tmp / f"uniform-{q}.log")
+        if path.stat().st_size <= budget:
+            return q, path
+        path.unlink()
+    return None
+
+
+def tensor_types_2d(path: Path) -> dict[str, str]:
+    return {name: t.type for name, t in tensors_of(path).items()}
