@@ -135,4 +135,4 @@ def modelfile(src, tmp: Path) -> None:
         shutil.copyfile(src.path / "Modelfile", tmp / "Modelfile")
     else:
         from ..export.modelfile import chat_info, write_modelfile
-        writemodelfile(tmp, *chat_info(tmp / OUT_FILE))
+        write_modelfile(tmp, *chat_info(tmp / OUT_FILE))
