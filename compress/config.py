@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, closest
-from .formats import AUTO_RE, LAYOUTS, export_types, quant_types
+from .formats import LAYOUTS, export_types, quant_types, size_target
 from .keys import check_key, key, markdown, walk
 
 BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
@@ -393,7 +393,7 @@ def validate(cfg: RunConfig) -> None:
                             "or quantize.gguf=[]")
         return
     UNQUANTIZED, QUANTIZED = export_types("gguf"), quant_types("gguf")
-    autos = [str(q) for q in cfg.quantize.gguf if AUTO_RE.match(str(q))]
+    autos = [str(q) for q in cfg.quantize.gguf if size_target(q) is not None]   # bad sizes fail here
     for which, names in (("export.gguf", [cfg.export.gguf]), ("quantize.gguf", cfg.quantize.gguf)):
         for n in map(str, names):
             if n not in UNQUANTIZED + QUANTIZED + tuple(autos):
@@ -412,10 +412,6 @@ def validate(cfg: RunConfig) -> None:
     if "auto" in autos and cfg.budgets.max_size_mb is None:
         raise UserError("quantize.gguf=auto sizes the mix to budgets.max_size_mb, which is not set; "
                         "set budgets.max_size_mb=120 or write auto:120MB")
-    for q in autos:
-        m = AUTO_RE.match(q)
-        if m.group(1) and (float(m.group(1)) <= 0 or (m.group(2) == "%" and float(m.group(1)) > 100)):
-            raise UserError(f"quantize.gguf={q}: a size target is above 0 MB, or a percentage in (0, 100]")
 
 
 def resolved_threads(cfg: RunConfig) -> int:

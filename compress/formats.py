@@ -52,6 +52,21 @@ GGUF_QUANT = {
 # A size target instead of a type: llama.cpp types chosen per tensor to fit it (quantize/mix.py).
 AUTO_RE = re.compile(r"auto(?::(\d+(?:\.\d+)?)(MB|%))?$")
 
+
+def size_target(q) -> tuple[float | None, str | None] | None:
+    """'auto' -> (None, None) (the profile's budget); 'auto:80MB' -> (80, 'MB'); 'auto:30%' -> (30, '%');
+    None for a type name. A size at or below 0, or a percentage above 100, is a UserError."""
+    from .errors import UserError
+    m = AUTO_RE.match(str(q))
+    if not m:
+        return None
+    if not m.group(1):
+        return None, None
+    value, unit = float(m.group(1)), m.group(2)
+    if value <= 0 or (unit == "%" and value > 100):
+        raise UserError(f"quantize.gguf={q}: a size target is above 0 MB, or a percentage in (0, 100]")
+    return value, unit
+
 FORMATS = {
     "gguf": Format(
         "gguf", "gguf", "llama.cpp", GGUF_EXPORT, GGUF_QUANT, "compress.export.gguf", "compress.quantize.gguf",

@@ -62,8 +62,8 @@ def test_refine_sees_errors_of_different_tensors_that_add_up():
     # alone, each tensor's "grid" type looks cheapest; together its errors push every token the same way
     same = np.ones(64)
     alternating = np.tile([1.1, -1.1], 32)
-    opts = [[mix.Option("F16", 100, 0.0, np.zeros(64)), mix.Option("Q4_1", 50, 1.0, same),
-             mix.Option("Q4_0", 50, 1.21, alternating * sign)] for sign in (1, -1)]
+    opts = [[mix.Option("F16", 100, np.zeros(64)), mix.Option("Q4_1", 50, same),
+             mix.Option("Q4_0", 50, alternating * sign)] for sign in (1, -1)]
     picks = mix.solve([[(o.bytes, o.err) for o in os_] for os_ in opts], 100)
     assert [opts[i][k].type for i, k in enumerate(picks)] == ["Q4_1", "Q4_1"]
     assert mix.objective([opts[i][k] for i, k in enumerate(picks)]) == pytest.approx(4.0)
@@ -111,7 +111,8 @@ def test_bad_size_targets_are_one_line(args, needle):
 
 def test_size_targets_parse_and_name_their_artifacts():
     assert load_config(["budgets.max_size_mb=80", "quantize.gguf=[auto,auto:50MB,auto:30%]"]).quantize.gguf
-    assert mix.parse("auto:80MB") == (80, "MB") and mix.parse("auto") == (None, None)
+    from compress.formats import size_target
+    assert size_target("auto:80MB") == (80, "MB") and size_target("auto") == (None, None)
     assert [mix.artifact_name(q) for q in ("auto", "auto:80MB", "auto:30%")] == \
         ["gguf-auto", "gguf-auto-80MB", "gguf-auto-30pct"]
 
@@ -238,3 +239,15 @@ def test_a_misled_mix_loses_to_llama_cpps_own_type_which_then_ships(built, tmp_p
     assert art.file.stat().st_size <= m["budget_mb"] * 1e6
     assert m["tensors"] == {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(art.file)).tensors
                             if len(t.shape) == 2}
+
+
+def test_a_quant_writes_its_modelfile_when_the_f16_has_none(built, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+    from compress.quantize import gguf as quantize_gguf
+    cfg, work, f16, im, sens = built
+    (tmp_path / "f16").mkdir()
+    (tmp_path / "q").mkdir()
+    shutil.copyfile(f16.file, tmp_path / "q" / "model.gguf")
+    quantize_gguf.modelfile(SimpleNamespace(path=tmp_path / "f16"), tmp_path / "q")
+    assert "FROM" in (tmp_path / "q" / "Modelfile").read_text()

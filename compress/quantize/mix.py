@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import artifacts
 from ..errors import UserError
-from ..formats import AUTO_RE
+from ..formats import size_target
 from ..stage import stage
 from . import gguf as quantize_gguf
 from .header import tensors_of
@@ -57,15 +57,7 @@ UNSEEN = 0.1      # share of embedding lookups given to tokens at random rather 
 
 
 def is_auto(qtype) -> bool:
-    return bool(AUTO_RE.match(str(qtype)))
-
-
-def parse(qtype: str) -> tuple[float | None, str | None]:
-    """'auto' -> (None, None); 'auto:80MB' -> (80, 'MB'); 'auto:30%' -> (30, '%')."""
-    m = AUTO_RE.match(str(qtype))
-    if not m:
-        raise UserError(f"{qtype} is not a size target; write auto (budgets.max_size_mb), auto:80MB or auto:30%")
-    return (float(m.group(1)), m.group(2)) if m.group(1) else (None, None)
+    return size_target(qtype) is not None
 
 
 def artifact_name(qtype: str) -> str:
@@ -88,8 +80,13 @@ class Tensor:
 class Option:
     type: str
     bytes: int
-    err: float          # 2 x the predicted KL of this tensor's rounding alone
-    vec: np.ndarray     # per sampled token, the first-order change of log p it makes (empty: none)
+    vec: np.ndarray      # per sampled token, the first-order change of log p it makes (zeros: none)
+    lookup: float = 0.0  # the embedding lookups' diagonal term
+
+    @property
+    def err(self) -> float:
+        """2 x the predicted KL of this tensor's rounding alone."""
+        return float(np.mean(np.square(self.vec))) + self.lookup
 
 
 @stage("quantize", inputs=("imatrix", "sensitivity"), params=("qtype",), reads=_reads, format="gguf")
@@ -161,7 +158,7 @@ def build(src: Path, dst: Path, tensors: list[Tensor], chosen: dict[str, str], m
     # general.file_type names the type holding the most bytes (llama.cpp prints it when loading)
     lead = max(CANDIDATES, key=lambda k: sum(type_bytes(k, t.rows, t.cols) for t in tensors if chosen[t.name] == k))
     quantize_gguf.quantize(src, dst, FTYPE_OF[lead], matrix, dst.parent / "quantize.log", overrides=chosen)
-    built = {name: t.type for name, t in tensors_of(dst).items()}
+    built = tensor_types_2d(dst)
     wrong = {n: (k, built.get(n)) for n, k in chosen.items() if built.get(n) != k}
     if wrong:
         raise RuntimeError(f"llama.cpp did not build the chosen types (chosen, built): {wrong}")
@@ -170,20 +167,16 @@ def build(src: Path, dst: Path, tensors: list[Tensor], chosen: dict[str, str], m
 
 def budget_of(qtype: str, src, cfg) -> float:
     """The size target in MB (1e6 bytes) of the whole file."""
-    value, unit = parse(qtype)
+    target = size_target(qtype)
+    if target is None:
+        raise UserError(f"{qtype} is not a size target; write auto (budgets.max_size_mb), auto:80MB or auto:30%")
+    value, unit = target
     if value is None:
-        mb = cfg.budgets.max_size_mb
-        if mb is None:
+        if cfg.budgets.max_size_mb is None:
             raise UserError("quantize.gguf=auto sizes the mix to budgets.max_size_mb, which is not set; "
                             "set it or write auto:80MB")
-        return float(mb)
-    if unit == "%":
-        if not 0 < value <= 100:
-            raise UserError(f"quantize.gguf={qtype}: a percentage of the unquantized GGUF is in (0, 100]")
-        return value / 100 * Path(src.file).stat().st_size / 1e6
-    if value <= 0:
-        raise UserError(f"quantize.gguf={qtype}: the size target must be above 0 MB")
-    return value
+        return float(cfg.budgets.max_size_mb)
+    return value / 100 * Path(src.file).stat().st_size / 1e6 if unit == "%" else value
 
 
 # ---------------------------------------------------------------- candidates
@@ -211,6 +204,7 @@ def measure(src: Path, tensors: list[Tensor], allowed: dict, stats: dict, matrix
     from concurrent.futures import ThreadPoolExecutor
     from gguf.quants import dequantize
     ref = tensors_of(src)
+    n_tokens = next(len(v) for k, v in stats.items() if k.startswith("x/") and not k.endswith(":scale"))
     options: dict[str, list] = {}
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:   # ggml and numpy release the GIL
         for t in tensors:
@@ -227,13 +221,10 @@ def measure(src: Path, tensors: list[Tensor], allowed: dict, stats: dict, matrix
                 q = w.astype(np.float16).astype(np.float32) if k == "F16" else \
                     dequantize(ggml_quantize(w, k, im), gguf_type(k)).astype(np.float32)
                 dw = q - w
-                err, vec = 0.0, np.zeros(len(x) if x is not None else 0)
-                if x is not None:   # each sampled token's first-order change of log p: d_t^T dW x_t
-                    vec = ((x @ dw.T) * d).sum(1).astype(np.float64)
-                    err += float(np.mean(np.square(vec)))
-                if lookup is not None:
-                    err += float(lookup_w @ (np.square(dw) @ lookup[1]).astype(np.float64))
-                return Option(k, type_bytes(k, t.rows, t.cols), err, vec)
+                # each sampled token's first-order change of log p: d_t^T dW x_t
+                vec = ((x @ dw.T) * d).sum(1).astype(np.float64) if x is not None else np.zeros(n_tokens)
+                look = float(lookup_w @ (np.square(dw) @ lookup[1]).astype(np.float64)) if lookup is not None else 0.0
+                return Option(k, type_bytes(k, t.rows, t.cols), vec, look)
             options[t.name] = list(pool.map(score, allowed[t.name]))
     return options
 
@@ -359,10 +350,7 @@ def objective(chosen: list[Option]) -> float:
     """2 x predicted KL of a whole mix: the tensors' first-order changes of log p add up per token
     before they are squared, so errors that push the same way (rounding that undoes the same
     training update everywhere) count together; the embedding lookups' diagonal terms add."""
-    vecs = [o.vec for o in chosen if len(o.vec)]
-    total = np.sum(vecs, axis=0) if vecs else np.zeros(1)
-    return float(np.mean(np.square(total))) + sum(o.err - float(np.mean(np.square(o.vec))) if len(o.vec) else o.err
-                                                  for o in chosen)
+    return float(np.mean(np.square(np.sum([o.vec for o in chosen], axis=0)))) + sum(o.lookup for o in chosen)
 
 
 def refine(options: list[list[Option]], picks: list[int], budget: int, passes: int = 4) -> list[int]:
@@ -370,31 +358,23 @@ def refine(options: list[list[Option]], picks: list[int], budget: int, passes: i
     at a time, never above the budget: the knapsack sees each tensor alone and cannot see errors of
     different tensors that add up."""
     picks = list(picks)
-    vec_sum = np.sum([options[i][k].vec for i, k in enumerate(picks) if len(options[i][k].vec)], axis=0) \
-        if any(len(options[i][k].vec) for i, k in enumerate(picks)) else None
+    vec_sum = np.sum([options[i][k].vec for i, k in enumerate(picks)], axis=0)
     size = sum(options[i][k].bytes for i, k in enumerate(picks))
-    if vec_sum is None:
-        return picks
-
-    def own(o):   # this option's part of the objective besides the shared per-token sum
-        return o.err - (float(np.mean(np.square(o.vec))) if len(o.vec) else 0.0)
-
     for _ in range(passes):
         changed = False
         for i, opts in enumerate(options):
             cur = opts[picks[i]]
-            rest = vec_sum - cur.vec if len(cur.vec) else vec_sum
+            rest = vec_sum - cur.vec
 
             def cost(o):
-                return float(np.mean(np.square(rest + o.vec if len(o.vec) else rest))) + own(o)
+                return float(np.mean(np.square(rest + o.vec))) + o.lookup
             best_k, best = picks[i], cost(cur)
             for k, o in enumerate(opts):
                 if size - cur.bytes + o.bytes <= budget and cost(o) < best * (1 - 1e-9):
                     best_k, best = k, cost(o)
             if best_k != picks[i]:
-                new = opts[best_k]
-                vec_sum = rest + new.vec if len(new.vec) else rest
-                size += new.bytes - cur.bytes
+                vec_sum = rest + opts[best_k].vec
+                size += opts[best_k].bytes - cur.bytes
                 picks[i] = best_k
                 changed = True
         if not changed:
