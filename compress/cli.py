@@ -4,6 +4,8 @@
     compress ls profiles|formats|keys            what can be chosen
     compress report runs/<name>                  rebuild a run's report from its meta files
     compress compare runs/a runs/b [--out DIR]   one table across runs
+    compress chat runs/<name> [artifact] [--prompt TEXT] [--max-tokens N] [--threads N]
+                                                 talk to an artifact in its own runtime
 
 Bad input prints one line and exits 2; --debug shows the traceback.
 """
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def dispatch(argv: list[str]) -> int:
     from .errors import UserError, closest
-    commands = ["run", "ls", "report", "compare"]
+    commands = ["run", "ls", "report", "compare", "chat"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -83,7 +85,42 @@ def dispatch(argv: list[str]) -> int:
         from .report.compare import compare
         compare(rest, out)
         return 0
+    if cmd == "chat":
+        return chat_command(rest)
     raise UserError(f"unknown command '{cmd}'{closest(cmd, commands)}; commands: {', '.join(commands)}")
+
+
+def take_option(rest: list[str], flag: str, kind=str, example: str = ""):
+    """Remove `flag VALUE` from rest and return VALUE (None when absent); a bad one is one line."""
+    from .errors import UserError
+    if flag not in rest:
+        return None
+    i = rest.index(flag)
+    if i + 1 >= len(rest):
+        raise UserError(f"{flag} needs a value, e.g. {flag} {example}")
+    value = rest[i + 1]
+    del rest[i:i + 2]
+    try:
+        v = kind(value)
+    except ValueError:
+        raise UserError(f"{flag} takes a whole number, not '{value}', e.g. {flag} {example}") from None
+    if kind is int and v < 1:
+        raise UserError(f"{flag} must be at least 1, not {v}")
+    return v
+
+
+def chat_command(rest: list[str]) -> int:
+    from .errors import UserError
+    rest = list(rest)
+    prompt = take_option(rest, "--prompt", str, '"Explain tides."')
+    max_tokens = take_option(rest, "--max-tokens", int, "256")
+    threads = take_option(rest, "--threads", int, "4")
+    flags = [a for a in rest if a.startswith("--")]
+    if flags or not 1 <= len(rest) <= 2:
+        usage = "usage: compress chat runs/<name> [artifact] [--prompt TEXT] [--max-tokens N] [--threads N]"
+        raise UserError(f"unknown option {flags[0]}; {usage}" if flags else usage)
+    from .chat import chat
+    return chat(rest[0], rest[1] if len(rest) > 1 else None, prompt, threads, max_tokens or 256)
 
 
 def list_things(rest: list[str]) -> int:

@@ -28,7 +28,7 @@ ONNX_PRECISIONS, ONNX_QUANTS, BNB_QUANTS = export_types("onnx"), quant_types("on
 DEPTH_METRICS = ("block_influence", "loss")   # how prune scores layers (student/importance.py)
 # Pipeline order; each is a declared stage (compress/stage.py) that `stages=[...]` can redo.
 STAGES = ["teacher", "data", "student", "prune", "distill", "export", "imatrix", "sensitivity", "quantize",
-          "layout", "reference", "evaluate"]
+          "layout", "reference", "evaluate", "samples"]
 # `student=path` is shorthand for `student.model=path`.
 SHORTHANDS = {"student": "student.model"}
 
@@ -178,6 +178,14 @@ class Eval:
 
 
 @dataclass
+class Samples:
+    """A few held-out prompts answered by every artifact, shown side by side in the report."""
+    prompts: int = key(5, "held-out prompts every artifact answers (greedy, in its own runtime, the teacher's "
+                          "chat template); 0: none", ge=0)
+    tokens: int = key(48, "most tokens per sample answer", ge=1)
+
+
+@dataclass
 class RunConfig:
     """One run: what to compress, where to write it, and every stage's section."""
     name: str | None = key(None, "run directory name under out; null: profile + time")
@@ -199,6 +207,7 @@ class RunConfig:
     export: Export = field(default_factory=Export)
     quantize: Quantize = field(default_factory=Quantize)
     eval: Eval = field(default_factory=Eval)
+    samples: Samples = field(default_factory=Samples)
 
     def section(self, name: str) -> dict:
         return dataclasses.asdict(getattr(self, name))

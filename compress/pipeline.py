@@ -123,6 +123,7 @@ def stages(r: Runner) -> bool:
     from . import data, teacher as teacher_stage
     from .distill import dist, train
     from .evaluate import reference
+    from .evaluate import samples
     from .evaluate.stage import run as evaluate
     from .student import prune, subset
     cfg = r.cfg
@@ -148,6 +149,9 @@ def stages(r: Runner) -> bool:
     for art in [teacher, stud, distilled, *shipped, *baseline]:
         r.step(evaluate, f"eval-{art.name}", src=art, teacher=teacher, data=data_art, reference=ref, ood=ood,
                threads=resolved_threads(cfg))
+    if cfg.samples.prompts:   # a few answers per artifact, for the report's side-by-side section
+        for art in [teacher, stud, distilled, *shipped, *baseline]:
+            r.step(samples.run, f"samples-{art.name}", src=art, teacher=teacher, data=data_art)
     return True
 
 

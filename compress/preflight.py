@@ -91,11 +91,11 @@ def check_data(spec: str | None) -> None:
         if spec.endswith((".txt", ".jsonl", ".json")) or path.exists():
             raise UserError(f"data file {spec} does not exist; give a .txt, a .jsonl or an HF dataset name")
         return
+    from .data import read_jsonl, read_utf8   # bad bytes and bad JSON lines are errors with their place
     if path.suffix == ".txt":
-        if not path.read_text(errors="replace").strip():
+        if not read_utf8(path).strip():
             raise UserError(f"data {spec} holds no text; give a file with paragraphs (.txt) or rows (.jsonl)")
         return
-    from .data import read_jsonl   # bad JSON lines and non-objects are errors with their line number
     has_text = False
     for i, row in enumerate(read_jsonl(path), 1):
         pair = "prompt" in row and ("response" in row or "completion" in row)

@@ -117,6 +117,13 @@ def data_file(content: str, name: str = "d.jsonl"):
     return setup
 
 
+def data_bytes(content: bytes, name: str):
+    def setup(tmp, teacher, request):
+        (tmp / name).write_bytes(content)
+        return ["run", f"teacher={teacher}", f"data={tmp / name}"]
+    return setup
+
+
 def profile_file(content: str):
     def setup(tmp, teacher, request):
         (tmp / "p.yaml").write_text(content)
@@ -225,6 +232,10 @@ CASES = [
     ("data-row-not-object", data_file('["a", "b"]\n'), "must be a JSON object"),
     ("data-row-unknown-keys", data_file('{"content": "hi"}\n'), "each row needs 'text'"),
     ("data-all-blank-rows", data_file('{"text": "  "}\n{"text": ""}\n'), "holds no text"),
+    ("data-jsonl-latin1", data_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin1"), "d.jsonl"),
+     "d.jsonl is not UTF-8: byte 0xe9 at offset 29 (line 2) is invalid; convert it, e.g. iconv"),
+    ("data-txt-cp1252", data_bytes(b"A paragraph.\n\n\x93quoted\x94 text\n", "d.txt"),
+     "d.txt is not UTF-8: byte 0x93 at offset 14 (line 3)"),
     # output
     ("out-is-a-file", out_is_a_file, "is a file, not a directory"),
 ]

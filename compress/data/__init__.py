@@ -25,6 +25,7 @@ from ..stage import stage
 from .prompts import builtin_prompts
 
 PROMPTS_VERSION = 1   # bump when the built-in prompts change so caches are not reused
+LAYOUT = 2            # the data artifact's files: 2 = held-out rows carry their prompt
 
 
 def _reads(cfg) -> tuple:
@@ -33,23 +34,33 @@ def _reads(cfg) -> tuple:
 
 
 @stage("data", reads=_reads, format="data",
-       extra=lambda cfg: {} if cfg.data else {"prompts_version": PROMPTS_VERSION})
+       extra=lambda cfg: {"layout": LAYOUT} if cfg.data else {"prompts_version": PROMPTS_VERSION, "layout": LAYOUT})
 def run(cfg, src: artifacts.Artifact, out: Path) -> artifacts.Artifact:
     """src: the teacher artifact (its tokenizer renders chat text; its GGUF generates)."""
     tok = load_tokenizer(str(src.path))
     if cfg.data:
-        texts, source = load_user_data(cfg.data, tok), cfg.data
-        rejected = {}
+        rows, source, rejected = load_user_rows(cfg.data), cfg.data, {}
     else:
-        texts, rejected = generated_texts(cfg, src, tok)
+        rows, rejected = generated_rows(cfg, src, tok)
         source = "teacher-generated"
+    examples = {}   # text -> the conversation before its last answer (None for plain text); dedups
+    for r in rows:
+        text = render(r, tok, cfg.data or "generated data")
+        if text.strip():
+            examples.setdefault(text, prompt_of(r))
+    if cfg.data and not examples:
+        raise UserError(f"data {cfg.data} holds no text; it needs non-empty paragraphs (.txt) or rows with "
+                        f"'text', 'prompt'/'response' or 'messages' (.jsonl)")
+    texts = list(examples)
     train, heldout = split_heldout(texts, cfg.gen.heldout)
     if not train or not heldout:
         raise UserError(f"data has {len(texts)} usable examples after filtering; need at least 2 "
                         f"(one to train on, one held out): give more data or raise gen.prompts")
     with artifacts.writing(out) as (tmp, meta):
-        for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
-            write_jsonl(tmp / name, [{"text": t} for t in rows])
+        write_jsonl(tmp / "train.jsonl", [{"text": t} for t in train])
+        # held-out rows keep their prompt: the report's sample answers are generated from it
+        write_jsonl(tmp / "heldout.jsonl", [{"text": t} | ({"prompt": examples[t]} if examples[t] else {})
+                                            for t in heldout])
         meta["metrics"] = {
             "source": source, "n_train": len(train), "n_heldout": len(heldout),
             "train_tokens": sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in train),
@@ -61,6 +72,15 @@ def run(cfg, src: artifacts.Artifact, out: Path) -> artifacts.Artifact:
 # ---------------------------------------------------------------- user data
 
 def load_user_data(spec: str, tok) -> list[str]:
+    """The non-empty texts of a data file or dataset, chat rows rendered with the template."""
+    texts = [t for t in (render(r, tok, spec) for r in load_user_rows(spec)) if t.strip()]
+    if not texts:
+        raise UserError(f"data {spec} holds no text; it needs non-empty paragraphs (.txt) or rows with "
+                        f"'text', 'prompt'/'response' or 'messages' (.jsonl)")
+    return texts
+
+
+def load_user_rows(spec: str) -> list[dict]:
     path = Path(spec).expanduser()
     if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
         if not path.is_file():
@@ -68,16 +88,12 @@ def load_user_data(spec: str, tok) -> list[str]:
         rows = read_txt(path) if path.suffix == ".txt" else read_jsonl(path)
     else:
         rows = read_hf_dataset(spec)
-    texts = [t for t in (render(r, tok, spec) for r in rows) if t.strip()]
-    if not texts:
-        raise UserError(f"data {spec} holds no text; it needs non-empty paragraphs (.txt) or rows with "
-                        f"'text', 'prompt'/'response' or 'messages' (.jsonl)")
-    return texts
+    return rows
 
 
 def read_txt(path: Path) -> list[dict]:
     """Paragraphs (blank-line separated), merged up to ~2000 characters each."""
-    paras = [p.strip() for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
+    paras = [p.strip() for p in read_utf8(path).split("\n\n") if p.strip()]
     out, cur = [], ""
     for p in paras:
         if cur and len(cur) + len(p) > 2000:
@@ -87,19 +103,32 @@ def read_txt(path: Path) -> list[dict]:
     return out + ([{"text": cur}] if cur else [])
 
 
+def read_utf8(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 is refused rather than read with replacement
+    characters, which would reach training as noise and surface later as a vaguer error."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")   # a leading byte-order mark is not text
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) "
+                        f"is invalid; convert it, e.g. "
+                        f"iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{i} is not valid JSON; each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{i} must be a JSON object with 'text', 'prompt'/'response' or 'messages'")
-            rows.append(row)
+    # split on newlines only: JSON strings may hold U+2028, which str.splitlines() would cut at
+    for i, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{i} is not valid JSON; each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i} must be a JSON object with 'text', 'prompt'/'response' or 'messages'")
+        rows.append(row)
     return rows
 
 
@@ -113,6 +142,18 @@ def read_hf_dataset(name: str) -> list[dict]:
     except Exception as e:  # the datasets library raises many types for unreachable/unknown names
         raise UserError(f"cannot load HF dataset '{name}': {str(e).splitlines()[0]}") from None
     return [dict(r) for r in ds]
+
+
+def prompt_of(row: dict) -> list[dict] | None:
+    """The chat turns before a row's last answer (what a model is asked), None for plain text."""
+    if "messages" in row:
+        msgs = list(row["messages"])
+        if len(msgs) > 1 and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            return msgs[:-1]
+        return None
+    if "prompt" in row and ("response" in row or "completion" in row):
+        return [{"role": "user", "content": str(row["prompt"])}]
+    return None
 
 
 def render(row: dict, tok, where: str) -> str:
@@ -130,8 +171,8 @@ def render(row: dict, tok, where: str) -> str:
 
 # ---------------------------------------------------------------- teacher-generated data
 
-def generated_texts(cfg, teacher: artifacts.Artifact, tok) -> tuple[list[str], dict]:
-    """Teacher answers to built-in prompts, filtered; cached across runs."""
+def generated_rows(cfg, teacher: artifacts.Artifact, tok) -> tuple[list[dict], dict]:
+    """Teacher answers to built-in prompts ({"prompt", "response"} rows), filtered; cached across runs."""
     cache = generated_cache(teacher, cfg)
     if cache.is_file():
         rows = read_jsonl(cache)
@@ -140,11 +181,7 @@ def generated_texts(cfg, teacher: artifacts.Artifact, tok) -> tuple[list[str], d
         rows = generate(cfg, teacher, tok, prompts)
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(cache, rows)
-    kept, rejected = rejection_filter(rows)
-    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
-                                      {"role": "assistant", "content": r["response"]}], tokenize=False)
-             for r in kept]
-    return texts, rejected
+    return rejection_filter(rows)
 
 
 def generated_cache(teacher: artifacts.Artifact, cfg) -> Path:

@@ -23,6 +23,7 @@ from ..config import Budgets, Device
 from ..errors import UserError
 from ..formats import FORMATS, HF_COMMAND, ORDER
 from .quality import compression_rows, task_summary
+from .samples import sample_section
 
 MODEL_FORMATS = tuple(ORDER)   # artifact formats that are models (formats.py), not data or evals
 MB = 1e6   # decimal megabytes, so that GB/s bandwidth and MB sizes divide without 1024s
@@ -290,6 +291,7 @@ def build(run_dir) -> dict:
         "tasks": task_summary(arts),   # also sets each artifact's per-task retention
         "compression": compression_rows(arts, metas),
         "artifacts": arts,
+        "samples": sample_section(arts, metas, warnings),
     }
 
 

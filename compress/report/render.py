@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .build import build, fmt_num
 from .plot import size_quality_png
+from .samples import samples_html, samples_markdown
 from .tables import extra_tables
 
 # ---------------------------------------------------------------- the one table
@@ -127,6 +128,8 @@ def to_markdown(report: dict, png_name: str | None = "size_quality.png") -> str:
     for title, head, rows, note in extra_tables(report):
         first = 2 if "Recipe" in head else 1   # columns after the names hold numbers
         out += [f"## {md_cell(title)}", "", md_table(head, rows, numeric=range(first, len(head))), "", md_cell(note), ""]
+    if report.get("samples"):
+        out += samples_markdown(report["samples"], md_cell)
     fails = [a for a in arts if a["budget"]["failed"] or a["budget"]["unchecked"]]
     if fails:
         out += ["## Budget checks", ""]
@@ -153,7 +156,8 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px}
 td.num{text-align:right}tr.rec{background:#e6f7e6;font-weight:bold}tr.fail td.budget{color:#b00}
 tr.teacher{color:#666}code,pre{background:#f4f4f4}pre{padding:6px;overflow-x:auto}
-.est{color:#555;font-style:italic}img{max-width:100%}"""
+.est{color:#555;font-style:italic}img{max-width:100%}
+td.answer{white-space:pre-wrap;max-width:60em}mark{background:#fde8a8}"""
 
 
 def html_table(head: list[str], arts: list[dict], labels: list[str] | None = None) -> str:
@@ -201,6 +205,8 @@ def to_html(report: dict, png: bytes | None) -> str:
             html_table(headers(report["device"].get("name")), arts), f'<p class="est">{e(LEGEND)}</p>', img_tag(png)]
     for title, head, rows, note in extra_tables(report):
         body.append(f"<h2>{e(title)}</h2>" + plain_html_table(head, rows) + f'<p class="est">{e(note)}</p>')
+    if report.get("samples"):
+        body.append(samples_html(report["samples"]))
     fails = [a for a in arts if a["budget"]["failed"] or a["budget"]["unchecked"]]
     if fails:
         body.append("<h2>Budget checks</h2><ul>" + "".join(
