@@ -11,6 +11,7 @@ Bad input prints one line and exits 2; --debug shows the traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = __doc__.split("\n\n")[1]
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    quiet_progress(sys.stderr)
     from .errors import UserError
     try:
         return dispatch(argv)
@@ -47,6 +49,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def quiet_progress(stream) -> None:
+    """Libraries' tqdm bars (transformers' GGUF loading, lm-eval, datasets, the hub) write a line
+    per update into a file or a pipe, burying compress's stage lines: off unless `stream` is a
+    terminal. Every tqdm bar is made in tqdm.std.tqdm.__init__, which is told so even when a
+    caller passes disable=False (TQDM_DISABLE alone would not cover those)."""
+    if stream.isatty():
+        return
+    os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    import tqdm.std as tqdm
+    if not getattr(tqdm.tqdm.__init__, "quiet", False):
+        init = tqdm.tqdm.__init__
+
+        def quiet_init(self, *args, **kwargs):
+            init(self, *args, **(kwargs | {"disable": True}))
+        quiet_init.quiet = True
+        tqdm.tqdm.__init__ = quiet_init
+
+
 def dispatch(argv: list[str]) -> int:
     from .errors import UserError, closest
     commands = ["run", "ls", "report", "compare", "chat"]
@@ -69,7 +89,7 @@ def dispatch(argv: list[str]) -> int:
         import json
         paths = write(rest[0])
         with open(paths["json"]) as f:
-            print_table(json.load(f))
+            print_table(json.load(f), full=str(paths["md"]))
         print("\n".join(f"report: {p}" for k, p in paths.items() if k in ("md", "html")))
         return 0
     if cmd == "compare":

@@ -105,7 +105,7 @@ def run(cfg: RunConfig) -> dict:
         return {}   # a data-parallel rank other than 0: its part ended with distillation
     paths = write_report(cfg.run_dir)
     report = json.loads(Path(paths["json"]).read_text())
-    print_table(report)
+    print_table(report, full=str(paths["md"]))
     for key in ("md", "html"):
         console.print(f"report: {paths[key]}")
     return report

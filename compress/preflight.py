@@ -31,7 +31,9 @@ LOGIT_COPIES = 8
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Refuse early, before anything is written: bad model files and data, no room, no write access."""
+    """Refuse early, before anything is written: missing packages, bad model files and data, no room,
+    no write access."""
+    check_packages(cfg)
     teacher = model_facts(cfg.teacher, cfg.trust_remote_code, "teacher")
     student = model_facts(cfg.student.model, cfg.trust_remote_code, "student") if cfg.student.model else None
     for facts, what in ((teacher, "teacher"), (student, "student")):
@@ -44,6 +46,25 @@ def preflight(cfg: RunConfig) -> None:
     probe = writable_dir(cfg.run_dir)
     if teacher:
         check_room(teacher, student, cfg, probe)
+
+
+# ---------------------------------------------------------------- optional packages
+
+def check_packages(cfg: RunConfig) -> None:
+    """Every optional package a later stage of this config imports, imported now: a missing one
+    stops the run with its install line before hours of distillation, not when its stage starts."""
+    if cfg.export.onnx:
+        from .export.onnx import require
+        require(f"export.onnx={cfg.export.onnx}")
+    if cfg.quantize.bnb:
+        from .quantize.bnb import require
+        require()
+    if cfg.data and not Path(cfg.data).expanduser().exists() and not cfg.data.endswith((".txt", ".jsonl", ".json")):
+        try:   # not a file: an HF dataset name, which the data stage loads with `datasets`
+            import datasets  # noqa: F401
+        except ImportError:
+            raise UserError(f"data={cfg.data} is not a file; to use an HF dataset install it with: "
+                            f"pip install datasets") from None
 
 
 # ---------------------------------------------------------------- model files

@@ -79,6 +79,14 @@ def test_run_writes_every_artifact_and_a_complete_report(phone_run):
     for f in ("report.md", "report.html"):
         assert (run / f).stat().st_size > 500
     assert "report.html" in proc.stderr + proc.stdout
+    # every artifact answers the held-out prompts beside the teacher, in its own runtime
+    samples = report["samples"]
+    assert samples["source"] == "held-out" and samples["prompts"]
+    assert {a["artifact"] for a in samples["prompts"][0]["answers"]} == set(arts)
+    assert "## Sample answers" in (run / "report.md").read_text()
+    # a log file reads cleanly: no library progress bars, the table one plain line per artifact
+    assert "Converting and de-quantizing" not in proc.stderr and "it/s]" not in proc.stderr
+    assert any(l.startswith("| teacher ") for l in proc.stdout.splitlines()), proc.stdout[:2000]
 
 
 def test_warm_rerun_skips_every_stage(phone_run):

@@ -15,8 +15,8 @@ from pathlib import Path
 from ..errors import UserError
 from .build import build, mark_pareto
 from .plot import size_quality_png
-from .render import (LEGEND, headers, html_page, html_table, img_tag, md_cell, md_table, plot_points,
-                     rich_table, row, row_style, write_atomic)
+from .render import (DROP_ORDER, LEGEND, headers, html_page, html_table, img_tag, md_cell, md_table, plot_points,
+                     row, row_style, write_atomic)
 
 COMPARE_LEGEND = LEGEND.replace("★ recommended for the profile.", "★ recommended by its own run's profile.") + \
     " Pareto here is across every compared artifact."
@@ -83,8 +83,10 @@ def compare(run_dirs, out_dir=None, console=None) -> dict:
 
     from rich.console import Console
     from rich.text import Text
+    from .terminal import show_table
     console = console or Console()
-    console.print(rich_table("compare: " + ", ".join(labels), head, rows, [row_style(a) for a in arts]))
+    show_table(console, "compare: " + ", ".join(labels), head, rows, [row_style(a) for a in arts],
+               full=str(paths["md"]), drop_order=DROP_ORDER)
     for x in run_lines:
         console.print(Text(x))
     return {

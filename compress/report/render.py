@@ -259,33 +259,30 @@ def write(run_dir) -> dict:
     return paths
 
 
-def rich_table(title: str, head: list[str], rows: list[list[str]], styles: list[str | None]):
-    from rich.table import Table
-    from rich.text import Text
-    t = Table(title=Text(title), header_style="bold", show_lines=False)
-    for i, h in enumerate(head):
-        t.add_column(Text(h), justify="right" if 2 <= i <= 11 else "left", overflow="fold")
-    for cells, style in zip(rows, styles):
-        # Text objects, not strings: rich would otherwise read '[...]' in a name as markup.
-        t.add_row(*[Text(c) for c in cells], style=style)
-    return t
-
-
 def row_style(a: dict) -> str | None:
     return "bold green" if a.get("recommended") else ("dim" if a.get("teacher") else None)
 
 
-def print_table(report: dict, console=None) -> None:
-    """The tradeoff table for the terminal, then the pick and why."""
+# Columns a narrow terminal loses first (the full table is one report.md away).
+DROP_ORDER = ["Params", "Threads", "Pareto", "Host prefill tok/s", "Peak RSS MB", "Format (runtime)", "Top-1",
+              "PPL", "Budget", "Recipe", "Cost to make", "Task retention", "OOD KLD", "PPL ×", "Decode ×faster",
+              "Size ×smaller"]
+
+
+def print_table(report: dict, console=None, full: str = "report.md") -> None:
+    """The tradeoff table for the console, then the pick and why (see terminal.show_table)."""
     from rich.console import Console
     from rich.text import Text
+    from .terminal import show_table
     console = console or Console()
     arts = report["artifacts"]
-    console.print(rich_table(f"{report['run']} (profile {report.get('profile') or 'default'})",
-                             headers(report["device"].get("name")), [row(a) for a in arts], [row_style(a) for a in arts]))
+    head = headers(report["device"].get("name"))
+    drop = DROP_ORDER + [h for h in head if h.startswith("Est. ")]
+    show_table(console, f"{report['run']} (profile {report.get('profile') or 'default'})", head,
+               [row(a) for a in arts], [row_style(a) for a in arts], full=full, drop_order=drop)
     for title, head, rows, _ in extra_tables(report):
-        if title != "Robustness: in-domain vs out-of-domain":   # kept to the files: the terminal stays short
-            console.print(rich_table(title, head, rows, [None] * len(rows)))
+        if title != "Robustness: in-domain vs out-of-domain":   # kept to the files: the console stays short
+            show_table(console, title, head, rows, [None] * len(rows), full=full, drop_order=DROP_ORDER)
     rec = report.get("recommended")
     console.print(Text(f"Recommended: {rec or 'none'} — {report['recommendation_reason']}",
                        style="bold" if rec else "yellow"))
