@@ -233,7 +233,7 @@ CASES = [
     ("data-row-unknown-keys", data_file('{"content": "hi"}\n'), "each row needs 'text'"),
     ("data-all-blank-rows", data_file('{"text": "  "}\n{"text": ""}\n'), "holds no text"),
     ("data-jsonl-latin1", data_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin1"), "d.jsonl"),
-     "d.jsonl is not UTF-8: byte 0xe9 at offset 29 (line 2) is invalid; convert it, e.g. iconv"),
+     "d.jsonl is not UTF-8: byte 0xe9 at offset 28 (line 2) is invalid; convert it, e.g. iconv"),
     ("data-txt-cp1252", data_bytes(b"A paragraph.\n\n\x93quoted\x94 text\n", "d.txt"),
      "d.txt is not UTF-8: byte 0x93 at offset 14 (line 3)"),
     # output

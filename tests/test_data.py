@@ -69,3 +69,42 @@ def test_bad_user_data(tmp_path, tokenizer, content, needle):
 def test_missing_data_file(tokenizer):
     with pytest.raises(UserError, match="does not exist"):
         load_user_data("nope/missing.jsonl", tokenizer)
+
+
+def test_prompt_of_each_row_kind():
+    from compress.data import prompt_of
+    assert prompt_of({"prompt": "Hi?", "response": "Hello."}) == [{"role": "user", "content": "Hi?"}]
+    turns = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    assert prompt_of({"messages": turns}) == turns[:3]
+    assert prompt_of({"messages": turns[:1]}) is None      # nothing answered: no prompt to ask again
+    assert prompt_of({"text": "plain"}) is None
+
+
+def test_utf8_with_bom_and_line_separators_inside_json_strings(tmp_path, tokenizer):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "a\u2028b"}, ensure_ascii=False).encode() + b"\n")
+    assert load_user_data(str(p), tokenizer) == ["a\u2028b"]
+
+
+def test_non_utf8_file_is_refused_not_replaced(tmp_path, tokenizer):
+    p = tmp_path / "d.txt"
+    p.write_bytes("Première ligne.\n\nDeuxième.".encode("cp1252"))
+    with pytest.raises(UserError, match=r"d.txt is not UTF-8: byte 0xe8 at offset 5 \(line 1\)"):
+        load_user_data(str(p), tokenizer)
+
+
+def test_data_stage_keeps_the_prompt_of_held_out_rows(tmp_path, tokenizer, tiny_llama):
+    from compress import artifacts
+    from compress.config import load_config
+    from compress.data import run
+    p = tmp_path / "chats.jsonl"
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(30)] + [{"text": "plain " * 5}] * 3
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    art = run(load_config([f"data={p}", "gen.heldout=0.5"]), tiny_llama, tmp_path / "data")
+    held = [json.loads(l) for l in (art.path / "heldout.jsonl").read_text().splitlines()]
+    train = [json.loads(l) for l in (art.path / "train.jsonl").read_text().splitlines()]
+    assert all(set(r) == {"text"} for r in train)
+    chats = [r for r in held if "prompt" in r]
+    assert chats and all(r["prompt"][0]["content"] in r["text"] for r in chats)
+    assert len(held) + len(train) == 31                    # the repeated plain row is one example

@@ -113,7 +113,7 @@ def read_utf8(path: Path) -> str:
         line = data.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) "
                         f"is invalid; convert it, e.g. "
-                        f"iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from None
+                        f"iconv -f latin1 -t utf-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
