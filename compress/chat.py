@@ -12,6 +12,7 @@ go to stderr after each answer, so `--prompt` output can be piped. In the intera
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -83,17 +84,24 @@ class Session:
         self.history: list[dict] = []
 
     def prompt_ids(self) -> list[int]:
-        """The conversation's ids, dropping the oldest turns until an answer still fits."""
+        """The conversation's ids, dropping the oldest exchanges until an answer still fits."""
         from .evaluate.generate import chat_ids
+        room = self.n_ctx - self.max_tokens
         while True:
             ids = chat_ids(self.tok, self.history)
-            if len(ids) + self.max_tokens <= self.n_ctx or len(self.history) <= 1:
-                return ids[-(self.n_ctx - self.max_tokens):]
-            self.history = self.history[2:] if len(self.history) > 2 else self.history[1:]
+            if len(ids) <= room:
+                return ids
+            if len(self.history) <= 1:
+                self.history = []
+                raise UserError(f"the prompt is {len(ids)} tokens; the {self.n_ctx}-token context leaves {room} "
+                                f"with --max-tokens {self.max_tokens}: shorten it or lower --max-tokens")
+            self.history = self.history[2:]
 
-    def answer(self, text: str, out=sys.stdout, err=sys.stderr) -> str:
-        """Stream one answer to `out`; tokens and speed to `err`; the answer joins the history."""
+    def answer(self, text: str, out=None, err=None) -> str:
+        """Stream one answer to `out` (stdout); tokens and speed to `err` (stderr); the answer joins
+        the history."""
         from .evaluate.generate import TextStream, greedy
+        out, err = out or sys.stdout, err or sys.stderr
         self.history.append({"role": "user", "content": text})
         stream = TextStream(self.tok)
 
@@ -128,7 +136,7 @@ def chat(run_dir, name: str | None = None, prompt: str | None = None, threads: i
         while True:
             try:
                 text = input("> ").strip()
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):   # Ctrl-D or Ctrl-C at the prompt: leave
                 print(file=sys.stderr)
                 return 0
             if text in ("/exit", "/quit"):
@@ -142,5 +150,13 @@ def chat(run_dir, name: str | None = None, prompt: str | None = None, threads: i
                 except KeyboardInterrupt:   # Ctrl-C stops this answer, not the chat
                     session.history = session.history[:-1]
                     print("\n[stopped]", file=sys.stderr)
+                except UserError as e:      # a turn too long for the context: say so, keep chatting
+                    print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    except BrokenPipeError:   # `compress chat ... --prompt ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 0
     finally:
         session.close()

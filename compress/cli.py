@@ -132,6 +132,10 @@ def take_option(rest: list[str], flag: str, kind=str, example: str = ""):
 def chat_command(rest: list[str]) -> int:
     from .errors import UserError
     rest = list(rest)
+    if rest and rest[0] in ("-h", "--help"):
+        from . import chat
+        print(chat.__doc__)
+        return 0
     prompt = take_option(rest, "--prompt", str, '"Explain tides."')
     max_tokens = take_option(rest, "--max-tokens", int, "256")
     threads = take_option(rest, "--threads", int, "4")

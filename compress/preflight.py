@@ -43,6 +43,7 @@ def preflight(cfg: RunConfig) -> None:
         raise UserError(f"student.layers={cfg.student.layers} is more than the teacher's {layers} layers; "
                         f"pick 1..{layers}")
     check_data(cfg.data)
+    check_text_files(cfg)
     probe = writable_dir(cfg.run_dir)
     if teacher:
         check_room(teacher, student, cfg, probe)
@@ -126,6 +127,18 @@ def check_data(spec: str | None) -> None:
         has_text = has_text or bool(row.get("messages") or pair or str(row.get("text", "")).strip())
     if not has_text:
         raise UserError(f"data {spec} holds no text; give a file with paragraphs (.txt) or rows (.jsonl)")
+
+
+def check_text_files(cfg: RunConfig) -> None:
+    """The other files a run reads text from (eval.ood, distill.prompts) are UTF-8 and parse now,
+    not when their stage starts after distillation."""
+    from .data import read_jsonl, read_utf8
+    ood = cfg.eval.ood
+    if ood not in (None, "none", "builtin") and Path(ood).expanduser().is_file():
+        (read_jsonl if ood.endswith(".jsonl") else read_utf8)(Path(ood).expanduser())
+    prompts = cfg.distill.prompts
+    if cfg.distill.mode == "seqkd" and prompts and Path(prompts).expanduser().is_file():
+        read_jsonl(Path(prompts).expanduser())
 
 
 def writable_dir(run_dir: Path) -> Path:

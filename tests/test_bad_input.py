@@ -236,6 +236,8 @@ CASES = [
      "d.jsonl is not UTF-8: byte 0xe9 at offset 28 (line 2) is invalid; convert it, e.g. iconv"),
     ("data-txt-cp1252", data_bytes(b"A paragraph.\n\n\x93quoted\x94 text\n", "d.txt"),
      "d.txt is not UTF-8: byte 0x93 at offset 14 (line 3)"),
+    ("ood-txt-latin1", lambda tmp, t, r: (tmp / "o.txt").write_bytes(b"caf\xe9\n") and
+     ["run", f"teacher={t}", f"eval.ood={tmp / 'o.txt'}"], "o.txt is not UTF-8: byte 0xe9 at offset 3"),
     # output
     ("out-is-a-file", out_is_a_file, "is a file, not a directory"),
 ]

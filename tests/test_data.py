@@ -85,6 +85,9 @@ def test_utf8_with_bom_and_line_separators_inside_json_strings(tmp_path, tokeniz
     p = tmp_path / "d.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "a\u2028b"}, ensure_ascii=False).encode() + b"\n")
     assert load_user_data(str(p), tokenizer) == ["a\u2028b"]
+    p.write_bytes(b"\xef\xbb\xbf" + b'{"text": "ab\xe9"}\n')      # the offset counts the BOM's bytes
+    with pytest.raises(UserError, match=r"byte 0xe9 at offset 15 \(line 1\)"):
+        load_user_data(str(p), tokenizer)
 
 
 def test_non_utf8_file_is_refused_not_replaced(tmp_path, tokenizer):

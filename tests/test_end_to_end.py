@@ -113,7 +113,8 @@ def test_changed_quant_list_only_adds_the_new_artifact(phone_run):
     proc = compress("run", "profile=phone", "name=tiny", *args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     made = [l.split()[2] for l in proc.stderr.splitlines() if l.startswith("▶")]
-    assert made == ["gguf-Q4_0", "teacher-gguf-Q4_0", "eval-gguf-Q4_0", "eval-teacher-gguf-Q4_0"], made
+    assert made == ["gguf-Q4_0", "teacher-gguf-Q4_0", "eval-gguf-Q4_0", "eval-teacher-gguf-Q4_0",
+                    "samples-gguf-Q4_0", "samples-teacher-gguf-Q4_0"], made
 
 
 def test_compare_two_runs(phone_run, tmp_path):

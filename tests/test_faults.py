@@ -46,7 +46,7 @@ def run_args(base: Path, name: str) -> list[str]:
             "student.layers=1", "distill.tokens=256", "distill.seq_len=32", "distill.batch=2",
             "distill.checkpoint_every=2", "quantize.gguf=[Q8_0]", "quantize.imatrix_tokens=256",
             "quantize.teacher=false", "eval.seqs=2", "eval.seq_len=32", "eval.prefill_tokens=16",
-            "eval.decode_tokens=4", "eval.threads=1", "eval.memory=false"]
+            "eval.decode_tokens=4", "eval.threads=1", "eval.memory=false", "samples.prompts=0"]
 
 
 def start(base: Path, name: str, log: str) -> subprocess.Popen:

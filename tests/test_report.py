@@ -242,7 +242,10 @@ def test_html_escapes_user_text(tmp_path):
     buf = io.StringIO()
     from rich.console import Console
     print_table(build(run), Console(file=buf, width=250))
-    assert "alert(1)" in buf.getvalue()   # printed literally, not swallowed as rich markup
+    assert "alert(1)" in buf.getvalue()   # printed literally (a file gets plain text) ...
+    buf = io.StringIO()
+    print_table(build(run), Console(file=buf, width=250, force_terminal=True, color_system=None))
+    assert "alert(1)" in buf.getvalue()   # ... and in a terminal, not swallowed as rich markup
 
 
 def test_print_table(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,6 @@ def run(tokenizer, tmp_path_factory):
     tokenizer.save_pretrained(teacher)
     rows = [{"prompt": TRICKY if i == 0 else f"Question number {i}: what is {i} plus {i}?",
              "response": f"The answer is {2 * i}. " * 3} for i in range(40)]
-    # the tricky prompt must be held out: put it first among the held-out rows by its hash
     data = tmp / "chats.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     args = ["run", f"teacher={teacher}", f"data={data}", "name=r", f"out={tmp}", "gen.heldout=0.3",
@@ -88,10 +88,11 @@ def test_departure_point_and_escaping_in_markdown_and_html(run):
         for a in p["answers"]:
             if a["same_tokens"] is not None and not a["identical"]:
                 assert a["same_chars"] <= len(a["text"])
+    # the split is by content hash: this prompt lands in the held-out 30 %, first in file order
+    assert report["samples"]["prompts"][0]["prompt"][-1]["content"] == TRICKY
     assert "<b>bold</b>" not in page          # a model or user text is never markup
-    if any(p["prompt"][-1]["content"] == TRICKY for p in report["samples"]["prompts"]):
-        assert "&lt;b&gt;bold&lt;/b&gt; &amp;" in page
-        assert "\\<b\\>bold\\</b\\> & \\[x\\](y) \\| ok?" in md
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp;" in page
+    assert "\\<b\\>bold\\</b\\> & \\[x\\](y) \\| ok?" in md
 
 
 def test_departure_is_marked_where_the_tokens_first_differ():
@@ -109,8 +110,10 @@ def test_departure_is_marked_where_the_tokens_first_differ():
     assert "a b<mark> &lt;x&gt;</mark> …" in samples_html(section)
 
 
-def test_samples_are_reused_and_redone_only_by_their_keys(run):
+def test_samples_are_reused_and_redone_only_by_their_keys(run, tmp_path):
     run_dir, args = run
+    shutil.copytree(run_dir, tmp_path / "r")   # the module's run stays as the other tests read it
+    args = [a for a in args if not a.startswith("out=")] + [f"out={tmp_path}"]
     again = subprocess.run([sys.executable, "-m", "compress", *args, "samples.tokens=6"], capture_output=True,
                            text=True, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -135,12 +138,18 @@ def test_chat_prompt_answers_once_in_the_artifact_runtime(run, tokenizer, name, 
 
 
 def test_chat_interactive_keeps_the_conversation(run, monkeypatch, capsys):
+    import compress.evaluate.generate as generate
     run_dir, _ = run
-    lines = iter(["Hi", "And again?", "/exit"])
+    lines = iter(["Hi", "And again?", "/reset", "Fresh", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    asked = []
+    real = generate.chat_ids
+    monkeypatch.setattr(generate, "chat_ids", lambda tok, msgs: asked.append([m["content"] for m in msgs]) or real(tok, msgs))
     assert main(["chat", str(run_dir), "gguf-F16", "--max-tokens", "5", "--threads", "1"]) == 0
-    err = capsys.readouterr().err
-    assert err.count("[gguf-F16 in llama.cpp:") == 2
+    out, err = capsys.readouterr()
+    assert err.count("[gguf-F16 in llama.cpp:") == 3
+    assert asked[0] == ["Hi"] and asked[1][0] == "Hi" and asked[1][-1] == "And again?" and len(asked[1]) == 3
+    assert asked[2] == ["Fresh"]                          # /reset forgot the conversation
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -157,6 +166,29 @@ def test_chat_bad_input_is_one_line(run, argv, needle, capsys):
     assert main([a.replace("{run}", str(run_dir)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and needle in err, err
+
+
+def test_chat_prompt_longer_than_the_context_is_one_line(run, capsys):
+    run_dir, _ = run
+    assert main(["chat", str(run_dir), "gguf-F16", "--prompt", "word " * 600, "--max-tokens", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the 512-token context leaves 504 with --max-tokens 8" in err, err
+
+
+def test_long_held_out_prompts_are_passed_over(tokenizer):
+    from compress.evaluate.samples import pick
+    convs = [[{"role": "user", "content": "word " * n}] for n in (5, 400, 6, 7)]
+    kept, ids, skipped = pick(tokenizer, convs, 2, 100)
+    assert [c[0]["content"] for c in kept] == ["word " * 5, "word " * 6] and skipped == 1
+    assert all(len(i) <= 100 for i in ids)
+
+
+def test_a_teacher_without_chat_template_continues_plain_text(tokenizer):
+    import copy
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None
+    ids = chat_ids(base, [{"role": "user", "content": "Once upon a time"}])
+    assert base.decode(ids, skip_special_tokens=True) == "Once upon a time"
 
 
 def test_text_stream_holds_back_incomplete_characters(tokenizer):

@@ -8,7 +8,8 @@ teacher (llama.cpp on its GGUF when there is one), a rejection filter (empty, tr
 repetitive, duplicate) and a held-out split that is never trained on. Generated sets are cached
 in the user cache dir and reused by later runs with the same teacher and settings.
 
-Output: train.jsonl / heldout.jsonl, one {"text": ...} per line, chat template already applied.
+Output: train.jsonl / heldout.jsonl, one {"text": ...} per line, chat template already applied; a
+held-out chat row also keeps its "prompt" (the turns before its last answer) for the report's samples.
 """
 from __future__ import annotations
 
@@ -107,11 +108,13 @@ def read_utf8(path: Path) -> str:
     """A data file's text; a file that is not UTF-8 is refused rather than read with replacement
     characters, which would reach training as noise and surface later as a vaguer error."""
     data = Path(path).read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0   # a leading byte-order mark is not text
     try:
-        return data.decode("utf-8-sig")   # a leading byte-order mark is not text
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) "
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise UserError(f"{path} is not UTF-8: byte 0x{data[at]:02x} at offset {at} (line {line}) "
                         f"is invalid; convert it, e.g. "
                         f"iconv -f latin1 -t utf-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}") from None
 
@@ -284,7 +287,7 @@ def split_heldout(texts: list[str], fraction: float) -> tuple[list[str], list[st
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 
 def chat_ids(tok, messages: list[dict]) -> list[int]:
-    """The prompt ids of a conversation, ending where the assistant's answer starts."""
+    """The prompt ids of a conversation, ending where the assistant's answer starts. A base model
+    without a chat template continues the turns' text, joined by blank lines."""
+    if not getattr(tok, "chat_template", None):
+        return [int(i) for i in tok("\n\n".join(str(m.get("content", "")) for m in messages))["input_ids"]]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return [int(i) for i in ids]
 
