@@ -69,20 +69,26 @@ def read_artifact_metas(run_dir: Path, warnings: list) -> dict:
 
 def index_evals(metas: dict, warnings: list) -> dict:
     """{artifact name: eval metrics}, dropping evals made from an older version of the artifact."""
+    return index_made_from(metas, warnings, "eval", "evaluate")
+
+
+def index_made_from(metas: dict, warnings: list, fmt: str, stage: str) -> dict:
+    """{artifact name: metrics} of the `fmt` artifacts (eval-<name>, samples-<name>) made from the
+    current version of the artifact they are about; older ones are dropped with a warning."""
     out = {}
     for name, meta in metas.items():
-        if meta.get("format") != "eval" and meta.get("stage") != "evaluate":
+        if meta.get("format") != fmt and meta.get("stage") != stage:
             continue
         metrics = meta.get("metrics") or {}
-        target = metrics.get("artifact") or (name[len("eval-"):] if name.startswith("eval-") else None)
+        target = metrics.get("artifact") or (name[len(fmt) + 1:] if name.startswith(f"{fmt}-") else None)
         if not target or target not in metas:
             continue
-        # The first parent is the evaluated artifact; its hash pins which version was measured.
+        # The first parent is the artifact measured; its hash pins which version that was.
         parents = meta.get("parents") or []
-        measured_hash = parents[0].get("hash") if parents and parents[0].get("name") == target else None
-        if measured_hash and measured_hash != metas[target].get("hash"):
-            warnings.append(f"{name} measured an older version of {target} and was ignored; "
-                            f"re-run the evaluate stage")
+        made_from = parents[0].get("hash") if parents and parents[0].get("name") == target else None
+        if made_from and made_from != metas[target].get("hash"):
+            warnings.append(f"{name} was made from an older version of {target} and was ignored; "
+                            f"re-run the {stage} stage")
             continue
         out[target] = metrics
     return out

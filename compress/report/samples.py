@@ -16,25 +16,6 @@ MARK = "▸"          # inserted where an answer departs from the teacher's (mar
 ENDS = "(ends here)"  # an answer that stops where the teacher's goes on
 
 
-def index_samples(metas: dict, warnings: list) -> dict:
-    """{artifact name: samples metrics}, dropping answers made from an older version of the artifact."""
-    out = {}
-    for name, meta in metas.items():
-        if meta.get("format") != "samples":
-            continue
-        metrics = meta.get("metrics") or {}
-        target = metrics.get("artifact")
-        if target not in metas:
-            continue
-        parents = meta.get("parents") or []
-        if parents and parents[0].get("name") == target and parents[0].get("hash") != metas[target].get("hash"):
-            warnings.append(f"{name} answered with an older version of {target} and was ignored; "
-                            f"re-run the samples stage")
-            continue
-        out[target] = metrics
-    return out
-
-
 def shared_prefix(a: list, b: list) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -60,7 +41,8 @@ def answer_entry(name: str, m: dict, ans: dict, ref: dict | None, reference: boo
 
 def sample_section(arts: list[dict], metas: dict, warnings: list) -> dict | None:
     """Per prompt, every artifact's answer (report order, teacher first) with its shared prefix."""
-    samples = index_samples(metas, warnings)
+    from .build import index_made_from
+    samples = index_made_from(metas, warnings, "samples", "samples")
     names = [a["name"] for a in arts if a["name"] in samples]
     if not names:
         return None
