@@ -27,8 +27,6 @@ BUILTINS = {
                   "positions": 8192, "gguf": True},
     },
 }
-# Decoder families compress exports and derives students from (HF model_type values).
-SUPPORTED_ARCHS = ("llama", "qwen2")
 
 
 def cache_dir() -> Path:
@@ -101,9 +99,8 @@ def resolve_teacher(spec: str, what: str = "teacher") -> tuple[str, str | None]:
 
 
 def check_arch(config) -> None:
-    mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_ARCHS:
-        raise UserError(f"unsupported architecture '{mt}'; compress supports: {', '.join(SUPPORTED_ARCHS)}")
+    from .archs import arch_of, model_type_of
+    arch_of(model_type_of(config))
 
 
 def quiet_transformers() -> None:
@@ -131,9 +128,8 @@ def check_local_arch(path: Path, trust_remote_code: bool = False) -> dict:
     if custom and not trust_remote_code:
         raise UserError(f"{path} ships its own Python code (auto_map in {custom[0]}), which would run on this "
                         f"machine; review it and pass trust_remote_code=true, or use a model without custom code")
-    mt = jsons["config.json"].get("model_type")
-    if mt not in SUPPORTED_ARCHS:
-        raise UserError(f"unsupported architecture '{mt}'; compress supports: {', '.join(SUPPORTED_ARCHS)}")
+    from .archs import arch_of
+    arch_of(jsons["config.json"].get("model_type"))
     return jsons["config.json"]
 
 

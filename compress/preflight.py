@@ -73,7 +73,8 @@ def check_packages(cfg: RunConfig) -> None:
 def model_facts(spec: str, trust_remote_code: bool, what: str) -> dict | None:
     """{"params", "embed", "layers", "vocab", "positions", "gguf"} of a teacher/student spec, after
     checking its files; None for a hub id (nothing local to check)."""
-    from .models import BUILTINS, SUPPORTED_ARCHS, check_gguf, check_local_arch, check_safetensors, resolve_teacher
+    from .archs import GGUF_ARCHS
+    from .models import BUILTINS, check_gguf, check_local_arch, check_safetensors, resolve_teacher
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTINS:
@@ -83,9 +84,9 @@ def model_facts(spec: str, trust_remote_code: bool, what: str) -> dict | None:
     path, gguf_file = resolve_teacher(spec, what)
     if gguf_file:
         facts = check_gguf(Path(path) / gguf_file)
-        if facts["arch"] not in SUPPORTED_ARCHS:
+        if facts["arch"] not in GGUF_ARCHS:
             raise UserError(f"unsupported architecture '{facts['arch']}' in {spec}; "
-                            f"compress supports: {', '.join(SUPPORTED_ARCHS)}")
+                            f"compress supports GGUF files of: {', '.join(GGUF_ARCHS)}")
         return facts
     if not Path(path).is_dir():
         return None

@@ -237,7 +237,7 @@ def test_unsupported_architecture_names_supported(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64))
     with artifacts.writing(tmp_path / "gpt2", stage="student", config={}, parents=[], format="hf") as (tmp, _):
         model.save_pretrained(tmp)
-    with pytest.raises(UserError, match="gpt2.*supported: llama, qwen2"):
+    with pytest.raises(UserError, match="gpt2.*supports: llama, qwen2, qwen3, mistral"):
         export_gguf.run(cfg_for(), artifacts.load(tmp_path / "gpt2"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -5,41 +5,25 @@
     # -> gguf-F16/model.gguf + gguf-F16/Modelfile + meta.json (quant "F16")
 
 Tensor names come from gguf-py's own maps (`gguf.get_tensor_name_map`); what differs between
-architectures is data in ARCHS below. The tokenizer is copied verbatim from the teacher's original
+architectures is data in compress/archs.py. The tokenizer is copied verbatim from the teacher's original
 GGUF when there is one, so the student tokenizes exactly like the teacher inside llama.cpp;
 otherwise it is built from the HF tokenizer files.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from .. import artifacts
+from ..archs import Arch, arch_of, model_type_of
 from ..stage import stage
 from ..errors import UserError
 from ..formats import GGUF_EXPORT as UNQUANTIZED
 from .modelfile import chat_info, write_modelfile
 
-
-@dataclass(frozen=True)
-class ArchSpec:
-    gguf_arch: gguf.MODEL_ARCH
-    permute_qk: bool    # llama.cpp's rope for this arch rotates adjacent pairs, HF rotates halves
-    rope_freqs: bool    # llama.cpp reads an optional rope_freqs tensor (scaled rope) for this arch
-
-
-# Supported architectures, keyed by HF `config.model_type`.
-ARCHS = {
-    # LlamaForCausalLM: Llama 2/3, TinyLlama, SmolLM/SmolLM2 (the built-in teacher).
-    "llama": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_freqs=True),
-    # Qwen2ForCausalLM: Qwen2, Qwen2.5. llama.cpp runs qwen2 with NEOX rope (halves, like HF): no permutation.
-    "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False, rope_freqs=False),
-}
-SUPPORTED = tuple(ARCHS)
 
 # llama.cpp's `tokenizer.ggml.pre` names, keyed by the HF tokenizer.json pre-tokenizer signature
 # (see _pre_signature). llama.cpp picks its splitting regex from this name.
@@ -71,7 +55,7 @@ def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
     tok = load_tokenizer(str(src.path))
     source_gguf = (teacher.meta.get("metrics") or {}).get("source_gguf") if teacher is not None else None
     with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
-        writer = gguf.GGUFWriter(str(tmp / OUT_FILE), gguf.MODEL_ARCH_NAMES[spec.gguf_arch])
+        writer = gguf.GGUFWriter(str(tmp / OUT_FILE), spec.gguf)
         _add_hparams(writer, model.config, qtype, Path(src.path).name)
         warnings = []
         if source_gguf:
@@ -100,17 +84,15 @@ def _read_config(path: Path) -> dict:
         raise UserError(f"{path} has no readable config.json ({e}); export needs an HF model directory") from None
 
 
-def arch_spec(config) -> ArchSpec:
-    """The ArchSpec for an HF config (object or dict); UserError for anything else."""
-    mt = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    if mt not in ARCHS:
-        raise UserError(f"cannot export architecture '{mt}' to GGUF; supported: {', '.join(SUPPORTED)}")
-    return ARCHS[mt]
+def arch_spec(config) -> Arch:
+    """The architecture row (compress/archs.py) of an HF config (object or dict); UserError for others."""
+    return arch_of(model_type_of(config), "GGUF export")
 
 
 def tensor_name_map(config) -> gguf.TensorNameMap:
     """gguf-py's HF -> GGUF name map for this model (shared by export and the imatrix stage)."""
-    return gguf.get_tensor_name_map(arch_spec(config).gguf_arch, config.num_hidden_layers)
+    enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_spec(config).gguf)
+    return gguf.get_tensor_name_map(enum, config.num_hidden_layers)
 
 
 def gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
@@ -204,7 +186,7 @@ def _tensor_bytes(x: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuant
     return gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
 
 
-def _add_tensors(w: gguf.GGUFWriter, model, spec: ArchSpec, qtype: str) -> dict:
+def _add_tensors(w: gguf.GGUFWriter, model, spec: Arch, qtype: str) -> dict:
     config = model.config
     names = tensor_name_map(config)
     n_head = config.num_attention_heads

@@ -32,8 +32,6 @@ LOG_FILE = "export.log"
 # HF files the browser runtime and tokenizers read next to the graph.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja")
-# HF model_type -> what the builder supports and compress has tested (fidelity test per family).
-SUPPORTED = ("llama", "qwen2")
 PRECISIONS = tuple(FORMATS["onnx"].export)   # fp32 only: see formats.py
 
 
@@ -53,11 +51,13 @@ def require(what: str = "ONNX export", builder: bool = True):
 
 
 def check_arch(path: Path) -> dict:
+    from ..archs import ARCHS
     from ..models import check_local_arch
     config = check_local_arch(Path(path))
     mt = config.get("model_type")
-    if mt not in SUPPORTED:
-        raise UserError(f"ONNX export supports {', '.join(SUPPORTED)}, not '{mt}'; "
+    if not ARCHS[mt].onnx:
+        onnx = ", ".join(k for k, a in ARCHS.items() if a.onnx)
+        raise UserError(f"ONNX export supports {onnx}, not '{mt}'; "
                         f"drop export.onnx or use GGUF (export.gguf) for this model")
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if head_dim % 16:   # onnxruntime's GroupQueryAttention kernel requires it

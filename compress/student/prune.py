@@ -21,7 +21,6 @@ from pathlib import Path
 from ..stage import stage
 
 TARGETS = ("layers", "mlp", "heads", "hidden", "params")
-ARCHS = ("llama", "qwen2")
 
 
 def has_targets(cfg) -> bool:
@@ -70,9 +69,10 @@ def check_arch(path: Path) -> None:
         mt = json.loads((Path(path) / "config.json").read_text()).get("model_type")
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path} has no readable config.json ({e}); prune needs an HF model directory") from None
-    if mt not in ARCHS:
-        raise UserError(f"prune supports {', '.join(ARCHS)} models, not '{mt}'; use a supported teacher "
-                        f"or drop the prune.* settings")
+    from ..archs import ARCHS
+    if mt not in ARCHS or not ARCHS[mt].prune:
+        raise UserError(f"prune supports {', '.join(k for k, a in ARCHS.items() if a.prune)} models, not '{mt}'; "
+                        f"use a supported teacher or drop the prune.* settings")
 
 
 def prune_model(model, want, ids, depth_metric: str = "block_influence"):

@@ -34,19 +34,22 @@ class Dims:
     qkv_bias: bool      # Qwen2 always; Llama when attention_bias
     o_bias: bool        # Llama when attention_bias
     mlp_bias: bool
+    qk_norm: bool = False   # Qwen3: a [head_dim] RMSNorm weight each for q and k per layer
     arch: str = "llama"
 
     @classmethod
     def of(cls, c) -> "Dims":
-        qwen2 = c.model_type == "qwen2"
+        from ..archs import arch_of
+        a = arch_of(c.model_type)
         attn_bias = bool(getattr(c, "attention_bias", False))
         return cls(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
                    kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                    mlp=c.intermediate_size,
                    head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
                    vocab=c.vocab_size, tied=bool(getattr(c, "tie_word_embeddings", False)),
-                   qkv_bias=qwen2 or attn_bias, o_bias=not qwen2 and attn_bias,
-                   mlp_bias=not qwen2 and bool(getattr(c, "mlp_bias", False)), arch=c.model_type)
+                   qkv_bias=a.qkv_bias or attn_bias, o_bias=not a.qkv_bias and attn_bias,
+                   mlp_bias=not a.qkv_bias and bool(getattr(c, "mlp_bias", False)), qk_norm=a.qk_norm,
+                   arch=c.model_type)
 
     @property
     def group(self) -> int:
@@ -57,7 +60,7 @@ class Dims:
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + self.qkv_bias * (q + 2 * kv) + self.o_bias * h
         mlp = 3 * h * self.mlp + self.mlp_bias * (2 * self.mlp + h)
-        return attn + mlp + 2 * h                           # + the two RMSNorm weights
+        return attn + mlp + 2 * h + self.qk_norm * 2 * self.head_dim   # + the RMSNorm weights
 
     def embedding(self) -> int:
         return self.vocab * self.hidden * (1 if self.tied else 2)
@@ -131,10 +134,16 @@ def explicit(p, t: Dims) -> Dims:
     return d
 
 
+def q_is_hidden(d: Dims) -> bool:
+    from ..archs import ARCHS
+    return d.arch in ARCHS and ARCHS[d.arch].q_is_hidden
+
+
 def check_export(d: Dims, t: Dims) -> None:
-    """llama.cpp's qwen2 graph takes attn_q as [hidden, hidden]: hidden must stay heads x head_dim."""
-    if d.arch == "qwen2" and (d.hidden, d.heads) != (t.hidden, t.heads) and d.hidden != d.heads * d.head_dim:
-        raise UserError(f"qwen2 models run in llama.cpp only with hidden size = heads x head_dim ({d.head_dim}); "
+    """llama.cpp's graph for some families (qwen2) takes attn_q as [hidden, hidden]: there hidden
+    must stay heads x head_dim."""
+    if q_is_hidden(d) and (d.hidden, d.heads) != (t.hidden, t.heads) and d.hidden != d.heads * d.head_dim:
+        raise UserError(f"{d.arch} models run in llama.cpp only with hidden size = heads x head_dim ({d.head_dim}); "
                         f"prune.heads={d.heads} needs prune.hidden={d.heads * d.head_dim}: set both, or neither")
 
 
@@ -155,7 +164,7 @@ def resolve(p, t: Dims) -> tuple[Dims, dict]:
                         f"parameters; ask for more or also set prune.hidden lower")
     if base.non_embedding() <= budget:
         return base, info                       # explicit targets already meet it
-    fixed_heads = p.heads is not None or t.arch == "qwen2"     # see check_export
+    fixed_heads = p.heads is not None or q_is_hidden(t)     # see check_export
     groups = [base.kv_heads] if fixed_heads else range(base.kv_heads, 0, -1)
     m = int(p.multiple)
     fits = []                                   # most heads first, each with the widest MLP that fits

@@ -102,6 +102,9 @@ def block_influence(model, ids: torch.Tensor) -> list[float]:
             for a, b in zip(inputs, outputs)]
 
 
+PER_LAYER = ("layer_types", "no_rope_layers")
+
+
 def keep_layers(model, kept: list[int]):
     """A copy of `model` with only the decoder layers in `kept` (weights shared by copy)."""
     student = copy.deepcopy(model)
@@ -112,7 +115,12 @@ def keep_layers(model, kept: list[int]):
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
             layer.self_attn.layer_idx = new_idx
     cfg = student.config
+    n = cfg.num_hidden_layers
     cfg.num_hidden_layers = len(kept)
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [cfg.layer_types[i] for i in kept]
+    # Per-layer lists (layer_types: sliding vs full attention; no_rope_layers: SmolLM3's layers
+    # without rope) describe layers by position: each kept layer keeps its own entry.
+    for name in PER_LAYER:
+        value = getattr(cfg, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            setattr(cfg, name, [value[i] for i in kept])
     return student

@@ -1,0 +1,55 @@
+"""The decoder families compress carries through every stage: one row per HF `model_type`.
+
+    from compress.archs import arch_of
+    a = arch_of("qwen3")            # UserError naming the supported families for anything else
+    a.gguf, a.permute_qk, a.qk_norm, a.onnx
+
+Every stage reads this table (loading, preflight, GGUF export, the importance matrix and the auto
+mix's sensitivity, ONNX export, structured pruning) instead of its own list. Adding a family is a
+row, plus a small function where it is truly new. Tensor names come from gguf-py's own maps for
+the row's GGUF architecture, so a row only states what differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf: str             # llama.cpp's general.architecture for this family
+    permute_qk: bool      # llama.cpp's rope rotates adjacent pairs here, HF rotates halves: reorder Q/K rows
+    rope_freqs: bool      # llama.cpp reads an optional rope_freqs tensor (Llama 3.1-style scaled rope)
+    qkv_bias: bool = False   # q/k/v projections always carry a bias (else: config.attention_bias)
+    qk_norm: bool = False    # RMSNorm over each head's q and k (one [head_dim] weight shared by the heads)
+    q_is_hidden: bool = False   # llama.cpp's graph takes attn_q as [hidden, hidden]: hidden = heads x head_dim
+    onnx: bool = True        # onnxruntime-genai's model builder exports it (fidelity-tested)
+    prune: bool = True       # structured pruning slices it (MLP channels, heads, hidden width)
+
+
+ARCHS = {
+    # LlamaForCausalLM: Llama 2/3, TinyLlama, SmolLM/SmolLM2 (the built-in teacher).
+    "llama": Arch("llama", permute_qk=True, rope_freqs=True),
+    # Qwen2ForCausalLM: Qwen2, Qwen2.5. llama.cpp runs qwen2 with NEOX rope (halves, as HF does).
+    "qwen2": Arch("qwen2", permute_qk=False, rope_freqs=False, qkv_bias=True, q_is_hidden=True),
+    # Qwen3ForCausalLM: Qwen3-0.6B/1.7B/4B. Qwen2 without biases, with per-head q/k RMSNorm.
+    "qwen3": Arch("qwen3", permute_qk=False, rope_freqs=False, qk_norm=True),
+    # MistralForCausalLM: Mistral-7B-v0.3, Ministral. llama.cpp runs it as llama, as its own converter
+    # writes it; a sliding window (Mistral-7B-v0.1: 4096) is not applied there, nor by compress.
+    "mistral": Arch("llama", permute_qk=True, rope_freqs=True),
+}
+SUPPORTED = tuple(ARCHS)
+GGUF_ARCHS = tuple(sorted({a.gguf for a in ARCHS.values()}))   # what a GGUF teacher may say it is
+
+
+def arch_of(model_type: str | None, what: str = "compress") -> Arch:
+    """The row of an HF model_type; one line naming the supported families for anything else."""
+    if model_type not in ARCHS:
+        raise UserError(f"unsupported architecture '{model_type}'; {what} supports: {', '.join(SUPPORTED)}")
+    return ARCHS[model_type]
+
+
+def model_type_of(config) -> str | None:
+    """config.model_type of an HF config object or its config.json dict."""
+    return config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
