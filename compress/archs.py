@@ -38,6 +38,10 @@ ARCHS = {
     # MistralForCausalLM: Mistral-7B-v0.3, Ministral. llama.cpp runs it as llama, as its own converter
     # writes it; a sliding window (Mistral-7B-v0.1: 4096) is not applied there, nor by compress.
     "mistral": Arch("llama", permute_qk=True, rope_freqs=True),
+    # Phi3ForCausalLM: Phi-3/3.5-mini, Phi-4-mini. q/k/v and gate/up are fused projections (qkv_proj,
+    # gate_up_proj), stored fused in GGUF too; LongRoPE travels as rope_factors_long/short tensors,
+    # partial rotary (Phi-4-mini: 0.75) as the rope dimension count. Pruning does not split them yet.
+    "phi3": Arch("phi3", permute_qk=False, rope_freqs=False, q_is_hidden=True, prune=False),
 }
 SUPPORTED = tuple(ARCHS)
 GGUF_ARCHS = tuple(sorted({a.gguf for a in ARCHS.values()}))   # what a GGUF teacher may say it is

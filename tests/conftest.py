@@ -30,8 +30,9 @@ def tokenizer(teacher_gguf):
 
 
 def make_tiny(tokenizer, arch: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
-              kv_heads: int = 2, intermediate: int = 128, tie: bool = True, seed: int = 0):
-    """A tiny random causal LM of the given family over the teacher's vocabulary."""
+              kv_heads: int = 2, intermediate: int = 128, tie: bool = True, seed: int = 0, **extra):
+    """A tiny random causal LM of the given family over the teacher's vocabulary (`extra`: more
+    config values of that family)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(seed)
@@ -39,7 +40,7 @@ def make_tiny(tokenizer, arch: str = "llama", layers: int = 2, hidden: int = 64,
         arch, vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
         max_position_embeddings=512, tie_word_embeddings=tie, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
     model = AutoModelForCausalLM.from_config(config).float().eval()
     # Random init at std 0.02 gives near-uniform logits; a wider init makes top-1 meaningful.
     with torch.no_grad():

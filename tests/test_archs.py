@@ -23,8 +23,13 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nin
 FAMILIES = list(ARCHS)
 
 
-def tiny(tokenizer, arch: str, layers: int = 3):
-    return make_tiny(tokenizer, arch=arch, layers=layers)
+# Per family, what makes the tiny model use its features: Phi-3's pretraining context equal to its
+# positions (plain rope; LongRoPE has its own test).
+EXTRA = {"phi3": {"original_max_position_embeddings": 512, "pad_token_id": 0}}
+
+
+def tiny(tokenizer, arch: str, layers: int = 3, **extra):
+    return make_tiny(tokenizer, arch=arch, layers=layers, **(EXTRA.get(arch, {}) | extra))
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,9 @@ def kld_top1(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
 
 
 def gguf_of(model, tokenizer, root, name):
+    # The directory name becomes general.name, and llama.cpp looks for Phi-3's own special tokens
+    # in any model whose name says phi3: these tiny models carry the SmolLM2 vocabulary instead.
+    name = name.replace("phi3", "tiny")
     src = save_hf_artifact(model, tokenizer, root / name)
     return export_gguf.run(load_config([]), src, root / f"{name}-gguf")
 
@@ -111,9 +119,36 @@ def test_pruning_keeps_all_exactly_and_a_pruned_model_runs_in_llama_cpp(arch, to
     assert kld <= 1e-3 and top1 >= 0.99, (arch, kld, top1)
 
 
-def test_an_unsupported_family_is_one_line_naming_the_supported_ones():
-    with pytest.raises(UserError, match="unsupported architecture 'bert'; GGUF export supports: llama, qwen2, qwen3, mistral"):
+def test_an_unsupported_family_is_one_line_naming_the_supported_ones(tokenizer, tiny_data, tmp_path):
+    with pytest.raises(UserError, match="unsupported architecture 'bert'; GGUF export supports: llama, qwen2, qwen3, "
+                                        "mistral, phi3"):
         arch_of("bert", "GGUF export")
+    src = save_hf_artifact(tiny(tokenizer, "phi3", layers=2), tokenizer, tmp_path / "phi3", stage="teacher")
+    with pytest.raises(UserError, match="prune supports llama, qwen2, qwen3, mistral models, not 'phi3'"):
+        prune.run(load_config(["prune.layers=1"]), src, tmp_path / "pruned", data=tiny_data)
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_phi3_longrope_and_partial_rotary_travel_to_llama_cpp(tokenizer, ids, tmp_path):
+    """Phi-3.5/4-mini style: LongRoPE factors (short ones used within the original context, in both
+    runtimes) with HF's attention factor, and rope on 3/4 of each head (Phi-4-mini)."""
+    rng = np.random.default_rng(0)
+    d = 64 // 4
+    rot = int(d * 0.75)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": 256,
+            "short_factor": (1 + rng.random(rot // 2)).tolist(), "long_factor": (1 + 4 * rng.random(rot // 2)).tolist()}
+    model = make_tiny(tokenizer, arch="phi3", layers=2, original_max_position_embeddings=256, pad_token_id=0,
+                      rope_parameters=rope)
+    art = gguf_of(model, tokenizer, tmp_path, "phi3-longrope")
+    short = ids[:200]                      # within the original 256 positions: short factors
+    ref = hf_logprobs(model, short)
+    kld, top1 = kld_top1(ref, runtime_logprobs(art, short, len(tokenizer)))
+    assert kld <= 1e-3 and top1 >= 0.99, (kld, top1)
+    import gguf
+    r = gguf.GGUFReader(str(art.file))
+    assert int(r.fields["phi3.rope.dimension_count"].contents()) == rot
+    assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= {t.name for t in r.tensors}
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -122,7 +157,8 @@ def test_bitsandbytes_int8_loads_quantized_and_tracks_the_model(arch, tokenizer,
     model = tiny(tokenizer, arch, layers=2)
     src = save_hf_artifact(model, tokenizer, tmp_path / arch)
     art = bnb.run(load_config(["quantize.bnb=[int8]"]), src, tmp_path / "bnb-int8", qtype="int8")
-    assert art.meta["metrics"]["linear_layers"] == 14    # 2 layers x (q, k, v, o, gate, up, down)
+    linear = sum(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
+    assert art.meta["metrics"]["linear_layers"] == linear    # every projection, fused ones as one
     kld, top1 = kld_top1(hf_logprobs(model, ids), runtime_logprobs(art, ids, len(tokenizer)))
     assert 0 < kld < 0.1 and top1 > 0.8, (arch, kld, top1)
 
@@ -134,3 +170,22 @@ def test_keep_layers_keeps_each_layers_own_per_layer_entries(tokenizer):
     student = keep_layers(model, [1, 3])
     assert student.config.layer_types == ["sliding_attention", "sliding_attention"]
     assert student.config.no_rope_layers == [0, 1]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_importance_matrix_quantization_and_auto_mix(arch, tokenizer, tiny_data, ids, tmp_path):
+    """The GGUF quantize path of each family: its importance matrix names every matrix llama.cpp
+    quantizes (fused ones included), a k-quant loads and stays close, and the auto mix builds."""
+    from compress.quantize import gguf as quantize_gguf, imatrix, mix, sensitivity
+    cfg = load_config(["quantize.imatrix_tokens=256", "quantize.mix_tokens=256"])
+    model = tiny(tokenizer, arch, layers=2)
+    src = save_hf_artifact(model, tokenizer, tmp_path / "hf")
+    f16 = export_gguf.run(cfg, src, tmp_path / "gguf-F16")
+    im = imatrix.run(cfg, src, tmp_path / "imatrix", data=tiny_data)
+    q = quantize_gguf.run(cfg, f16, tmp_path / "gguf-Q8_0", qtype="Q8_0", imatrix=im)
+    kld, top1 = kld_top1(hf_logprobs(model, ids), runtime_logprobs(q, ids, len(tokenizer)))
+    assert kld < 0.02, (arch, kld, top1)     # 8 bits: close (top-1 on a random model is tie-prone)
+    sens = sensitivity.run(cfg, src, tmp_path / "sensitivity", data=tiny_data)
+    auto = mix.run(cfg, f16, tmp_path / "gguf-auto", qtype="auto:50%", imatrix=im, sensitivity=sens)
+    assert auto.file.stat().st_size <= 0.5 * f16.file.stat().st_size
+    assert np.isfinite(runtime_logprobs(auto, ids, len(tokenizer))).all()

@@ -115,6 +115,16 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _rope_params(config) -> dict:
+    return getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+
+
+def rope_dims(config) -> int:
+    """Dimensions of each head that rope rotates (Phi-4-mini: 0.75 of them; usually all)."""
+    factor = _rope_params(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    return int(head_dim(config) * (factor or 1.0))
+
+
 def _add_hparams(w: gguf.GGUFWriter, config, qtype: str, name: str) -> None:
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act={config.hidden_act} is not supported for GGUF export (llama.cpp runs SwiGLU/silu)")
@@ -128,7 +138,7 @@ def _add_hparams(w: gguf.GGUFWriter, config, qtype: str, name: str) -> None:
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     w.add_rope_freq_base(_rope_theta(config))
-    w.add_rope_dimension_count(head_dim(config))
+    w.add_rope_dimension_count(rope_dims(config))
     if head_dim(config) != config.hidden_size // config.num_attention_heads:
         w.add_key_length(head_dim(config))
         w.add_value_length(head_dim(config))
@@ -162,9 +172,9 @@ def _rope_freq_factors(model, config) -> np.ndarray | None:
     frequencies by a `rope_freqs` tensor [d/2], so the ratio reproduces HF exactly.
     """
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if rotary is None:
+    if rotary is None or _rope_params(config).get("rope_type") == "longrope":
         return None
-    d = head_dim(config)
+    d = rope_dims(config)
     base = 1.0 / (_rope_theta(config) ** (np.arange(0, d, 2, dtype=np.float64) / d))
     actual = rotary.inv_freq.detach().double().cpu().numpy()
     if np.allclose(actual, base, rtol=1e-6):
@@ -173,6 +183,26 @@ def _rope_freq_factors(model, config) -> np.ndarray | None:
         rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type")
         raise UserError(f"rope scaling '{rope_type}' is not supported for GGUF export of {config.model_type}")
     return (base / actual).astype(np.float32)
+
+
+def _add_longrope(w: gguf.GGUFWriter, config) -> int:
+    """LongRoPE (Phi-3.5/4): both factor lists as llama.cpp's rope_factors_long/short tensors, the
+    original context (llama.cpp switches to the long factors beyond it, as HF does) and the
+    attention factor HF applies to cos/sin; returns the tensors added."""
+    rp = _rope_params(config)
+    if rp.get("rope_type") != "longrope":
+        return 0
+    orig = int(rp.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+    factor = rp.get("factor") or config.max_position_embeddings / orig
+    attn = rp.get("attention_factor")
+    if attn is None:   # HF's default (modeling_rope_utils, longrope)
+        attn = 1.0 if factor <= 1.0 else float(np.sqrt(1 + np.log(factor) / np.log(orig)))
+    for kind in ("LONG", "SHORT"):
+        values = np.asarray(rp[f"{kind.lower()}_factor"], dtype=np.float32)   # [rope_dims / 2]
+        w.add_tensor(gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, f"ROPE_FACTORS_{kind}")] + ".weight", values)
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_rope_scaling_attn_factors(float(attn))
+    return 2
 
 
 def _tensor_bytes(x: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
@@ -196,6 +226,7 @@ def _add_tensors(w: gguf.GGUFWriter, model, spec: Arch, qtype: str) -> dict:
     if (factors := _rope_freq_factors(model, config)) is not None:
         w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
         types["F32"] = 1
+    types["F32"] = types.get("F32", 0) + _add_longrope(w, config)
     for hf_name, t in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue    # llama.cpp uses token_embd.weight as the output layer when output.weight is absent
