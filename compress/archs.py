@@ -24,6 +24,7 @@ class Arch:
     qkv_bias: bool = False   # q/k/v projections always carry a bias (else: config.attention_bias)
     qk_norm: bool = False    # RMSNorm over each head's q and k (one [head_dim] weight shared by the heads)
     q_is_hidden: bool = False   # llama.cpp's graph takes attn_q as [hidden, hidden]: hidden = heads x head_dim
+    rope_every: int = 0      # llama.cpp derives the layers without rope from the index: every Nth has none
     onnx: bool = True        # onnxruntime-genai's model builder exports it (fidelity-tested)
     prune: bool = True       # structured pruning slices it (MLP channels, heads, hidden width)
 
@@ -42,7 +43,16 @@ ARCHS = {
     # gate_up_proj), stored fused in GGUF too; LongRoPE travels as rope_factors_long/short tensors,
     # partial rotary (Phi-4-mini: 0.75) as the rope dimension count. Pruning does not split them yet.
     "phi3": Arch("phi3", permute_qk=False, rope_freqs=False, q_is_hidden=True, prune=False),
+    # SmolLM3ForCausalLM: SmolLM3-3B. Llama with no rope on every 4th layer (config.no_rope_layers);
+    # llama.cpp derives that from the layer index, so a layer subset must keep the pattern. The
+    # onnxruntime-genai 0.18 builder stops on its rope-less layers (KeyError 'position_ids').
+    "smollm3": Arch("smollm3", permute_qk=True, rope_freqs=False, rope_every=4, onnx=False),
 }
+
+
+def rope_pattern(arch: Arch, n: int) -> list[int]:
+    """1 where layer i of n applies rope, as llama.cpp derives it (all ones for most families)."""
+    return [int(not arch.rope_every or (i + 1) % arch.rope_every != 0) for i in range(n)]
 SUPPORTED = tuple(ARCHS)
 GGUF_ARCHS = tuple(sorted({a.gguf for a in ARCHS.values()}))   # what a GGUF teacher may say it is
 

@@ -15,7 +15,7 @@ from compress.errors import UserError
 from compress.evaluate.runtimes import open_runtime
 from compress.export import gguf as export_gguf
 from compress.student import prune
-from compress.student.subset import keep_layers
+from compress.student.subset import keep_layers, keep_rope_pattern
 from conftest import make_tiny, save_hf_artifact
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
@@ -25,10 +25,12 @@ FAMILIES = list(ARCHS)
 
 # Per family, what makes the tiny model use its features: Phi-3's pretraining context equal to its
 # positions (plain rope; LongRoPE has its own test).
-EXTRA = {"phi3": {"original_max_position_embeddings": 512, "pad_token_id": 0}}
+EXTRA = {"phi3": {"original_max_position_embeddings": 512, "pad_token_id": 0}, "smollm3": {"pad_token_id": 0}}
 
 
 def tiny(tokenizer, arch: str, layers: int = 3, **extra):
+    if ARCHS[arch].rope_every:   # enough layers for one without rope (SmolLM3: the 4th)
+        layers = max(layers, ARCHS[arch].rope_every + 1)
     return make_tiny(tokenizer, arch=arch, layers=layers, **(EXTRA.get(arch, {}) | extra))
 
 
@@ -91,7 +93,8 @@ def test_onnx_fp32_matches_hf(arch, tokenizer, ids, tmp_path):
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_layer_subset_student_runs_in_llama_cpp(arch, tokenizer, ids, tmp_path):
-    student = keep_layers(tiny(tokenizer, arch, layers=4), [0, 3])
+    teacher = tiny(tokenizer, arch, layers=4)
+    student = keep_layers(teacher, keep_rope_pattern(teacher.config, [0, 3], None))
     assert student.config.num_hidden_layers == 2
     art = gguf_of(student, tokenizer, tmp_path, arch)
     kld, top1 = kld_top1(hf_logprobs(student, ids), runtime_logprobs(art, ids, len(tokenizer)))
@@ -121,10 +124,10 @@ def test_pruning_keeps_all_exactly_and_a_pruned_model_runs_in_llama_cpp(arch, to
 
 def test_an_unsupported_family_is_one_line_naming_the_supported_ones(tokenizer, tiny_data, tmp_path):
     with pytest.raises(UserError, match="unsupported architecture 'bert'; GGUF export supports: llama, qwen2, qwen3, "
-                                        "mistral, phi3"):
+                                        "mistral, phi3, smollm3"):
         arch_of("bert", "GGUF export")
     src = save_hf_artifact(tiny(tokenizer, "phi3", layers=2), tokenizer, tmp_path / "phi3", stage="teacher")
-    with pytest.raises(UserError, match="prune supports llama, qwen2, qwen3, mistral models, not 'phi3'"):
+    with pytest.raises(UserError, match="prune supports llama, qwen2, qwen3, mistral, smollm3 models, not 'phi3'"):
         prune.run(load_config(["prune.layers=1"]), src, tmp_path / "pruned", data=tiny_data)
     assert not (tmp_path / "pruned").exists()
 
@@ -189,3 +192,41 @@ def test_importance_matrix_quantization_and_auto_mix(arch, tokenizer, tiny_data,
     auto = mix.run(cfg, f16, tmp_path / "gguf-auto", qtype="auto:50%", imatrix=im, sensitivity=sens)
     assert auto.file.stat().st_size <= 0.5 * f16.file.stat().st_size
     assert np.isfinite(runtime_logprobs(auto, ids, len(tokenizer))).all()
+
+
+def test_smollm3_subset_keeps_the_rope_pattern_llama_cpp_derives(tokenizer):
+    """SmolLM3 has no rope on every 4th layer and llama.cpp derives that from the index: the kept
+    layers must follow it. Among the subsets that do, the one with the most importance is kept
+    (checked against brute force)."""
+    import itertools
+    from compress.archs import ARCHS, rope_pattern
+    model = tiny(tokenizer, "smollm3", layers=8)
+    has = [int(x) for x in model.config.no_rope_layers]
+    assert has == rope_pattern(ARCHS["smollm3"], 8) == [1, 1, 1, 0, 1, 1, 1, 0]
+    scores = [0.9, 0.1, 0.5, 0.8, 0.2, 0.7, 0.3, 0.6]
+    for k in range(1, 8):
+        top = sorted(sorted(range(8), key=lambda i: -scores[i])[:k])
+        got = keep_rope_pattern(model.config, top, scores)
+        need = rope_pattern(ARCHS["smollm3"], k)
+        assert [has[i] for i in got] == need, (k, got)
+        best = max((c for c in itertools.combinations(range(8), k) if [has[i] for i in c] == need),
+                   key=lambda c: sum(scores[i] for i in c))
+        assert sum(scores[i] for i in got) == pytest.approx(sum(scores[i] for i in best)), (k, got, best)
+    student = keep_layers(model, keep_rope_pattern(model.config, [0, 1, 2, 3, 4], None))
+    assert student.config.no_rope_layers == [1, 1, 1, 0, 1]
+
+
+def test_smollm3_file_whose_rope_layers_break_the_pattern_is_refused(tokenizer, tmp_path):
+    bad = keep_layers(tiny(tokenizer, "smollm3", layers=4), [0, 3])     # [1, 0]: llama.cpp would rope both
+    src = save_hf_artifact(bad, tokenizer, tmp_path / "hf")
+    with pytest.raises(UserError, match=r"llama.cpp applies rope by layer index in smollm3 .* no_rope_layers is \[1, 0\]"):
+        export_gguf.run(load_config([]), src, tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_onnx_export_of_a_family_the_builder_cannot_take_is_one_line(tokenizer, tmp_path):
+    from compress.export import onnx as export_onnx
+    src = save_hf_artifact(tiny(tokenizer, "smollm3"), tokenizer, tmp_path / "hf")
+    with pytest.raises(UserError, match="ONNX export supports llama, qwen2, qwen3, mistral, phi3, not 'smollm3'"):
+        export_onnx.run(load_config(["export.onnx=fp32"]), src, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 
 from .. import artifacts
-from ..archs import Arch, arch_of, model_type_of
+from ..archs import Arch, arch_of, model_type_of, rope_pattern
 from ..stage import stage
 from ..errors import UserError
 from ..formats import GGUF_EXPORT as UNQUANTIZED
@@ -50,7 +50,9 @@ def run(cfg, src, out, *, teacher=None) -> artifacts.Artifact:
     if qtype not in UNQUANTIZED:
         raise UserError(f"export.gguf={qtype} is not an unquantized type; use one of {', '.join(UNQUANTIZED)} "
                         f"(quantized types go in quantize.gguf)")
-    spec = arch_spec(_read_config(src.path))
+    config = _read_config(src.path)
+    spec = arch_spec(config)
+    check_rope_layers(spec, config)
     model = load_model(str(src.path))
     tok = load_tokenizer(str(src.path))
     source_gguf = (teacher.meta.get("metrics") or {}).get("source_gguf") if teacher is not None else None
@@ -87,6 +89,17 @@ def _read_config(path: Path) -> dict:
 def arch_spec(config) -> Arch:
     """The architecture row (compress/archs.py) of an HF config (object or dict); UserError for others."""
     return arch_of(model_type_of(config), "GGUF export")
+
+
+def check_rope_layers(spec: Arch, config: dict) -> None:
+    """A family whose rope-less layers llama.cpp derives from the index (SmolLM3: every 4th) must
+    have them there, or the file would run but compute something else."""
+    layers = config.get("no_rope_layers")
+    want = rope_pattern(spec, int(config.get("num_hidden_layers") or 0))
+    if spec.rope_every and layers is not None and [int(x) for x in layers] != want:
+        raise UserError(f"llama.cpp applies rope by layer index in {config.get('model_type')} (none on every "
+                        f"{spec.rope_every}th layer: {want}), but this model's no_rope_layers is {list(layers)}; "
+                        f"derive the student with the student stage, which keeps the pattern")
 
 
 def tensor_name_map(config) -> gguf.TensorNameMap:

@@ -83,6 +83,7 @@ def prune_model(model, want, ids, depth_metric: str = "block_influence"):
     import torch
 
     from .depth import drop_layers, select_layers
+    from .subset import keep_rope_pattern
     from .importance import depth_scores, group_scores, kept_share, top_k, width_scores
     from .solver import Dims
     from .width import keep_hidden, keep_kv_groups, keep_mlp
@@ -93,7 +94,8 @@ def prune_model(model, want, ids, depth_metric: str = "block_influence"):
     report: dict = {"kept_layers": list(range(t.layers))}
     if want.layers < t.layers:
         scores = depth_scores(model, ids, depth_metric)
-        report["kept_layers"] = select_layers(scores, want.layers)
+        # SmolLM3: only subsets that keep the rope pattern llama.cpp derives from the index
+        report["kept_layers"] = keep_rope_pattern(model.config, select_layers(scores, want.layers), scores)
         report["depth"] = {"metric": depth_metric, "scores": [round(s, 6) for s in scores]}
         model = drop_layers(model, report["kept_layers"])
     if want.mlp < t.mlp or want.heads < t.heads or want.hidden < t.hidden:

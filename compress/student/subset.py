@@ -54,6 +54,7 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, data: artifacts.Artifact) ->
             kept = sorted(sorted(range(n), key=lambda i: -scores[i])[:want])
         else:
             kept = even_layers(n, want)
+        kept = keep_rope_pattern(teacher.config, kept, scores)
         student = keep_layers(teacher, kept)
     with artifacts.writing(out, quant="fp32") as (tmp, meta):
         save_hf(student, tok, tmp)
@@ -61,6 +62,45 @@ def run(cfg, src: artifacts.Artifact, out: Path, *, data: artifacts.Artifact) ->
         meta["metrics"] = {"kept_layers": kept, "block_influence": scores,
                            "layers": student.config.num_hidden_layers}
     return artifacts.load(out)
+
+
+def keep_rope_pattern(config, kept: list[int], scores: list[float] | None) -> list[int]:
+    """`kept`, or the closest subset of the same size whose layers keep the rope pattern llama.cpp
+    derives from the index (SmolLM3: none on every 4th layer), when the family has one.
+
+    Exact dynamic program over (teacher layer, student position): a teacher layer may fill student
+    position j only if it has rope exactly when position j does; among those subsets it keeps the
+    most block influence (importance) or the most of `kept` (even spacing).
+    """
+    from ..archs import ARCHS, rope_pattern
+    arch = ARCHS.get(config.model_type)
+    n, k = config.num_hidden_layers, len(kept)
+    if arch is None or not arch.rope_every:
+        return kept
+    has = rope_pattern(arch, n)                        # the teacher follows the pattern itself
+    need = rope_pattern(arch, k)
+    if [has[i] for i in kept] == need:
+        return kept
+    value = scores if scores is not None else [float(i in kept) for i in range(n)]
+    NEG = float("-inf")
+    best = [[NEG] * (k + 1) for _ in range(n + 1)]     # best[i][j]: layers < i fill positions < j
+    best[0][0] = 0.0
+    for i in range(n):
+        for j in range(k + 1):
+            if best[i][j] == NEG:
+                continue
+            best[i + 1][j] = max(best[i + 1][j], best[i][j])                      # skip layer i
+            if j < k and has[i] == need[j]:
+                best[i + 1][j + 1] = max(best[i + 1][j + 1], best[i][j] + value[i])  # take it
+    if best[n][k] == NEG:
+        raise UserError(f"no {k} of the teacher's {n} layers keep its rope pattern; pick another student.layers")
+    out, j = [], k
+    for i in range(n, 0, -1):                          # walk back: where taking layer i-1 was optimal
+        if j and has[i - 1] == need[j - 1] and best[i - 1][j - 1] != NEG \
+                and best[i][j] == best[i - 1][j - 1] + value[i - 1]:
+            out.append(i - 1)
+            j -= 1
+    return sorted(out)
 
 
 def even_layers(n: int, k: int) -> list[int]:
