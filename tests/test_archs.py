@@ -230,3 +230,38 @@ def test_onnx_export_of_a_family_the_builder_cannot_take_is_one_line(tokenizer, 
     with pytest.raises(UserError, match="ONNX export supports llama, qwen2, qwen3, mistral, phi3, not 'smollm3'"):
         export_onnx.run(load_config(["export.onnx=fp32"]), src, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("arch", [a for a in FAMILIES if a != "llama"])   # llama: test_end_to_end.py
+def test_phone_run_of_each_family_reaches_the_report(arch, tokenizer, tmp_path):
+    """`compress run profile=phone teacher=<dir>` on a saved tiny model of each family: every GGUF
+    (and ONNX, where the builder takes the family) artifact scored in its runtime, in the report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    teacher = tmp_path / "teacher-src"
+    model = tiny(tokenizer, arch)
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}. " * 4})
+                              for i in range(24)))
+    onnx = ["export.onnx=fp32", "quantize.onnx=[int4]"] if ARCHS[arch].onnx else []
+    args = ["run", "profile=phone", f"teacher={teacher}", f"data={data}", "name=r", f"out={tmp_path}",
+            "student.layers=2", "distill.tokens=128", "distill.seq_len=32", "distill.batch=2",
+            "quantize.gguf=[Q8_0,auto:50%]", "quantize.imatrix_tokens=128", "quantize.mix_tokens=128",
+            "eval.seqs=2", "eval.seq_len=32", "eval.prefill_tokens=8",
+            "eval.decode_tokens=4", "eval.threads=1", "eval.tasks=[]", "eval.memory=false", "eval.ood=none",
+            "samples.prompts=1", "samples.tokens=4", "preflight=false", *onnx]
+    proc = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    arts = {a["name"]: a for a in report["artifacts"]}
+    want = {"teacher", "student", "distilled", "gguf-F16", "gguf-Q8_0", "teacher-gguf-Q8_0"}
+    want |= {"onnx-fp32", "onnx-int4"} if onnx else set()
+    assert want <= set(arts), sorted(arts)
+    for name in want:
+        assert arts[name]["evaluated"] and arts[name]["quality"]["kld"] is not None, name
+    assert arts["gguf-Q8_0"]["runtime"] == "llama.cpp" and arts["teacher"]["quality"]["kld"] < 1e-3
+    assert arts["teacher-gguf-F16"]["quality"]["kld"] < 1e-2     # the family's GGUF is the teacher
