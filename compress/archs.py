@@ -25,6 +25,9 @@ class Arch:
     qk_norm: bool = False    # RMSNorm over each head's q and k (one [head_dim] weight shared by the heads)
     q_is_hidden: bool = False   # llama.cpp's graph takes attn_q as [hidden, hidden]: hidden = heads x head_dim
     rope_every: int = 0      # llama.cpp derives the layers without rope from the index: every Nth has none
+    act: str = "silu"        # the MLP's activation (config.hidden_act / hidden_activation)
+    norm_plus_one: bool = False   # RMSNorm computes x * (1 + w) (Gemma): GGUF stores 1 + w
+    sliding: bool = False    # per-layer sliding-window attention (config.layer_types), stored per layer
     onnx: bool = True        # onnxruntime-genai's model builder exports it (fidelity-tested)
     prune: bool = True       # structured pruning slices it (MLP channels, heads, hidden width)
 
@@ -47,6 +50,13 @@ ARCHS = {
     # llama.cpp derives that from the layer index, so a layer subset must keep the pattern. The
     # onnxruntime-genai 0.18 builder stops on its rope-less layers (KeyError 'position_ids').
     "smollm3": Arch("smollm3", permute_qk=True, rope_freqs=False, rope_every=4, onnx=False),
+    # Gemma3ForCausalLM (model_type gemma3_text): Gemma 3 270M/1B. RMSNorm as x * (1 + w), norms
+    # after attention and MLP too, per-head q/k norms, GELU (tanh), embeddings scaled by
+    # sqrt(hidden) (llama.cpp does that itself), sliding-window layers with their own rope base.
+    # Pruning does not slice its extra norms yet. The onnxruntime-genai 0.18 builder expects one flat
+    # rope_parameters and stops on the per-layer-type ones transformers 5 writes (KeyError 'rope_type').
+    "gemma3_text": Arch("gemma3", permute_qk=False, rope_freqs=False, qk_norm=True, act="gelu_pytorch_tanh",
+                        norm_plus_one=True, sliding=True, prune=False, onnx=False),
 }
 
 

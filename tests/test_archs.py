@@ -31,6 +31,9 @@ EXTRA = {"phi3": {"original_max_position_embeddings": 512, "pad_token_id": 0}, "
 def tiny(tokenizer, arch: str, layers: int = 3, **extra):
     if ARCHS[arch].rope_every:   # enough layers for one without rope (SmolLM3: the 4th)
         layers = max(layers, ARCHS[arch].rope_every + 1)
+    if ARCHS[arch].sliding:      # Gemma 3: sliding and full layers alternate, a window the test sequences exceed
+        extra = {"sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"] * (layers // 2)
+                 + ["sliding_attention"] * (layers % 2)} | extra
     return make_tiny(tokenizer, arch=arch, layers=layers, **(EXTRA.get(arch, {}) | extra))
 
 
@@ -124,7 +127,7 @@ def test_pruning_keeps_all_exactly_and_a_pruned_model_runs_in_llama_cpp(arch, to
 
 def test_an_unsupported_family_is_one_line_naming_the_supported_ones(tokenizer, tiny_data, tmp_path):
     with pytest.raises(UserError, match="unsupported architecture 'bert'; GGUF export supports: llama, qwen2, qwen3, "
-                                        "mistral, phi3, smollm3"):
+                                        "mistral, phi3, smollm3, gemma3_text"):
         arch_of("bert", "GGUF export")
     src = save_hf_artifact(tiny(tokenizer, "phi3", layers=2), tokenizer, tmp_path / "phi3", stage="teacher")
     with pytest.raises(UserError, match="prune supports llama, qwen2, qwen3, mistral, smollm3 models, not 'phi3'"):

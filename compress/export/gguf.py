@@ -119,8 +119,9 @@ def gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
 
 # ---------------------------------------------------------------- hyper-parameters
 
-def _rope_theta(config) -> float:
+def _rope_theta(config, layer_type: str = "full_attention") -> float:
     params = getattr(config, "rope_parameters", None) or {}
+    params = params.get(layer_type, params) if isinstance(params.get(layer_type), dict) else params
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
@@ -129,7 +130,9 @@ def head_dim(config) -> int:
 
 
 def _rope_params(config) -> dict:
-    return getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    """The rope parameters (of the full-attention layers where they differ per layer type)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("full_attention", params) if isinstance(params.get("full_attention"), dict) else params
 
 
 def rope_dims(config) -> int:
@@ -139,10 +142,15 @@ def rope_dims(config) -> int:
 
 
 def _add_hparams(w: gguf.GGUFWriter, config, qtype: str, name: str) -> None:
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UserError(f"hidden_act={config.hidden_act} is not supported for GGUF export (llama.cpp runs SwiGLU/silu)")
+    spec = arch_spec(config)
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or "silu"
+    if act != spec.act:
+        raise UserError(f"hidden_act={act} is not what llama.cpp runs for {config.model_type} ({spec.act}); "
+                        f"GGUF export cannot carry it")
     if getattr(config, "use_sliding_window", False):
         raise UserError("sliding-window attention is not supported for GGUF export; set use_sliding_window=false")
+    if spec.sliding:
+        _add_sliding(w, config)
     w.add_name(name)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -162,6 +170,24 @@ def _add_hparams(w: gguf.GGUFWriter, config, qtype: str, name: str) -> None:
 
 
 # ---------------------------------------------------------------- tensors
+
+def _add_sliding(w: gguf.GGUFWriter, config) -> None:
+    """Gemma 3: which layers slide (written per layer, so a layer subset keeps each layer's kind),
+    the window, the sliding layers' own rope base, and llama.cpp's fixed attention scale check."""
+    types = list(getattr(config, "layer_types", None) or [])
+    if getattr(config, "sliding_window", None) and types:
+        w.add_sliding_window(int(config.sliding_window))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        w.add_rope_freq_base_swa(_rope_theta(config, "sliding_attention"))
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and int(scalar) != head_dim(config):
+        raise UserError(f"query_pre_attn_scalar={scalar} differs from head_dim={head_dim(config)}; llama.cpp scales "
+                        f"{config.model_type} attention by 1/sqrt(head_dim), so GGUF export cannot carry it")
+    for key, add in (("final_logit_softcapping", w.add_final_logit_softcapping),
+                     ("attn_logit_softcapping", w.add_attn_logit_softcapping)):
+        if getattr(config, key, None):
+            add(float(getattr(config, key)))
+
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder the rows of a Q or K projection from HF's rope layout to llama.cpp's.
@@ -189,10 +215,12 @@ def _rope_freq_factors(model, config) -> np.ndarray | None:
         return None
     d = rope_dims(config)
     base = 1.0 / (_rope_theta(config) ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    actual = rotary.inv_freq.detach().double().cpu().numpy()
+    # one rope per layer type (Gemma 3): the full-attention layers' is the one rope_freqs would scale
+    prefix = "" if hasattr(rotary, "inv_freq") else "full_attention_"
+    actual = getattr(rotary, f"{prefix}inv_freq").detach().double().cpu().numpy()
     if np.allclose(actual, base, rtol=1e-6):
         return None
-    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0 or not arch_spec(config).rope_freqs:
+    if float(getattr(rotary, f"{prefix}attention_scaling", 1.0)) != 1.0 or not arch_spec(config).rope_freqs:
         rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type")
         raise UserError(f"rope scaling '{rope_type}' is not supported for GGUF export of {config.model_type}")
     return (base / actual).astype(np.float32)
@@ -251,6 +279,8 @@ def _add_tensors(w: gguf.GGUFWriter, model, spec: Arch, qtype: str) -> dict:
             x = permute_qk(x, n_head)       # [n_head * d, hidden]
         elif spec.permute_qk and name.startswith("blk.") and ".attn_k." in name:
             x = permute_qk(x, n_kv)         # [n_kv * d, hidden]
+        if spec.norm_plus_one and x.ndim == 1 and name.endswith("norm.weight"):
+            x = x + 1.0                     # llama.cpp's RMSNorm multiplies by w; Gemma's by 1 + w
         data, raw = _tensor_bytes(x, qtype)
         w.add_tensor(name, data, raw_dtype=raw)
         tname = "F32" if data.dtype == np.float32 else "F16" if data.dtype == np.float16 else qtype
