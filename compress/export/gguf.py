@@ -347,6 +347,8 @@ def _add_hf_tokenizer(w: gguf.GGUFWriter, tok, path: Path, n_vocab: int) -> list
         tokens, scores, types = _spm_tokens(path, n_vocab)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")      # llama.cpp's SPM tokenizer has no pre-tokenizer regex
+        # llama.cpp's SPM tokenizer puts "▁" before the text unless told not to (Gemma does not)
+        w.add_add_space_prefix(_prepends_space(tj.get("normalizer")) or _prepends_space(tj.get("pre_tokenizer")))
     else:
         tokens, types = _bpe_tokens(tok, n_vocab)
         scores = None
@@ -371,6 +373,20 @@ def _add_hf_tokenizer(w: gguf.GGUFWriter, tok, path: Path, n_vocab: int) -> list
     if special.chat_template is None and getattr(tok, "chat_template", None):
         w.add_chat_template(tok.chat_template)
     return warnings
+
+
+def _prepends_space(part: dict | None) -> bool:
+    """Whether a tokenizer.json normalizer / pre-tokenizer puts '▁' before the text (SentencePiece's
+    add_dummy_prefix): a Prepend('▁'), or a Metaspace that prepends."""
+    if not part:
+        return False
+    if part.get("type") == "Sequence":
+        return any(_prepends_space(p) for p in part.get("normalizers", part.get("pretokenizers", [])))
+    if part.get("type") == "Prepend":
+        return part.get("prepend") == "▁"
+    if part.get("type") == "Metaspace":
+        return part.get("prepend_scheme", "always" if part.get("add_prefix_space", True) else "never") != "never"
+    return False
 
 
 def _bpe_tokens(tok, n_vocab: int) -> tuple[list[str], list[int]]:
