@@ -28,6 +28,7 @@ class Arch:
     act: str = "silu"        # the MLP's activation (config.hidden_act / hidden_activation)
     norm_plus_one: bool = False   # RMSNorm computes x * (1 + w) (Gemma): GGUF stores 1 + w
     sliding: bool = False    # per-layer sliding-window attention (config.layer_types), stored per layer
+    layer_norms: int = 2     # [hidden] RMSNorm weights per layer (Gemma 3: also after attention and MLP)
     onnx: bool = True        # onnxruntime-genai's model builder exports it (fidelity-tested)
     prune: bool = True       # structured pruning slices it (MLP channels, heads, hidden width)
 
@@ -44,8 +45,8 @@ ARCHS = {
     "mistral": Arch("llama", permute_qk=True, rope_freqs=True),
     # Phi3ForCausalLM: Phi-3/3.5-mini, Phi-4-mini. q/k/v and gate/up are fused projections (qkv_proj,
     # gate_up_proj), stored fused in GGUF too; LongRoPE travels as rope_factors_long/short tensors,
-    # partial rotary (Phi-4-mini: 0.75) as the rope dimension count. Pruning does not split them yet.
-    "phi3": Arch("phi3", permute_qk=False, rope_freqs=False, q_is_hidden=True, prune=False),
+    # partial rotary (Phi-4-mini: 0.75) as the rope dimension count. Pruning slices the fused rows.
+    "phi3": Arch("phi3", permute_qk=False, rope_freqs=False, q_is_hidden=True),
     # SmolLM3ForCausalLM: SmolLM3-3B. Llama with no rope on every 4th layer (config.no_rope_layers);
     # llama.cpp derives that from the layer index, so a layer subset must keep the pattern. The
     # onnxruntime-genai 0.18 builder stops on its rope-less layers (KeyError 'position_ids').
@@ -53,10 +54,10 @@ ARCHS = {
     # Gemma3ForCausalLM (model_type gemma3_text): Gemma 3 270M/1B. RMSNorm as x * (1 + w), norms
     # after attention and MLP too, per-head q/k norms, GELU (tanh), embeddings scaled by
     # sqrt(hidden) (llama.cpp does that itself), sliding-window layers with their own rope base.
-    # Pruning does not slice its extra norms yet. The onnxruntime-genai 0.18 builder expects one flat
+    # The onnxruntime-genai 0.18 builder expects one flat
     # rope_parameters and stops on the per-layer-type ones transformers 5 writes (KeyError 'rope_type').
     "gemma3_text": Arch("gemma3", permute_qk=False, rope_freqs=False, qk_norm=True, act="gelu_pytorch_tanh",
-                        norm_plus_one=True, sliding=True, prune=False, onnx=False),
+                        norm_plus_one=True, sliding=True, layer_norms=4, onnx=False),
 }
 
 

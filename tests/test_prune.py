@@ -279,7 +279,7 @@ def test_stage_rejects_bad_input_before_loading(tokenizer, tiny_data, tmp_path):
     with artifacts.writing(tmp_path / "gpt2", stage="teacher", config={}, parents=[], format="hf") as (tmp, meta):
         (tmp / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     other = artifacts.load(tmp_path / "gpt2")
-    with pytest.raises(UserError, match=r"prune supports llama, qwen2, qwen3, mistral, smollm3 models, not 'gpt2'"):
+    with pytest.raises(UserError, match=r"prune supports llama, qwen2, qwen3, mistral, phi3, smollm3, gemma3_text models, not 'gpt2'"):
         prune.run(cfg_for("prune.layers=2"), other, tmp_path / "out", data=tiny_data)
     src = save_hf_artifact(tiny(tokenizer, "llama"), tokenizer, tmp_path / "teacher", stage="teacher")
     with pytest.raises(UserError, match=r"did you mean 'block_influence'"):

@@ -35,6 +35,7 @@ class Dims:
     o_bias: bool        # Llama when attention_bias
     mlp_bias: bool
     qk_norm: bool = False   # Qwen3: a [head_dim] RMSNorm weight each for q and k per layer
+    norms: int = 2          # [hidden] RMSNorm weights per layer (Gemma 3: 4)
     arch: str = "llama"
 
     @classmethod
@@ -49,6 +50,7 @@ class Dims:
                    vocab=c.vocab_size, tied=bool(getattr(c, "tie_word_embeddings", False)),
                    qkv_bias=a.qkv_bias or attn_bias, o_bias=not a.qkv_bias and attn_bias,
                    mlp_bias=not a.qkv_bias and bool(getattr(c, "mlp_bias", False)), qk_norm=a.qk_norm,
+                   norms=a.layer_norms,
                    arch=c.model_type)
 
     @property
@@ -60,7 +62,7 @@ class Dims:
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + self.qkv_bias * (q + 2 * kv) + self.o_bias * h
         mlp = 3 * h * self.mlp + self.mlp_bias * (2 * self.mlp + h)
-        return attn + mlp + 2 * h + self.qk_norm * 2 * self.head_dim   # + the RMSNorm weights
+        return attn + mlp + self.norms * h + self.qk_norm * 2 * self.head_dim   # + the RMSNorm weights
 
     def embedding(self) -> int:
         return self.vocab * self.hidden * (1 if self.tied else 2)

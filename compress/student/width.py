@@ -1,4 +1,4 @@
-"""Width pruning of Llama / Qwen2 decoders by slicing weights, in place; the config follows.
+"""Width pruning of the decoders in compress/archs.py by slicing weights, in place; the config follows.
 
     keep_mlp(model, [idx_layer0, idx_layer1, ...])     # intermediate channels kept per layer
     keep_kv_groups(model, [groups_layer0, ...])        # KV heads kept per layer, with their query heads
@@ -11,6 +11,8 @@ explicitly because hidden_size / num_attention_heads no longer gives it after pr
 Weight layouts (nn.Linear stores [out, in]):
     q_proj [heads*d, H]   k_proj, v_proj [kv*d, H]   o_proj [H, heads*d]
     gate_proj, up_proj [I, H]   down_proj [H, I]   embed_tokens [V, H]   norms [H]
+    Phi-3 fuses them: qkv_proj [heads*d + 2*kv*d, H] (q, k, v rows in that order), gate_up_proj [2*I, H].
+    Per-head q/k norms (Qwen3, Gemma 3) are [d], shared by the heads: no head pruning touches them.
 """
 from __future__ import annotations
 
@@ -49,8 +51,12 @@ def keep_mlp(model, kept: list[torch.Tensor]) -> None:
     """kept[i]: intermediate channels of layer i to keep (same count in every layer)."""
     for layer, idx in zip(model.model.layers, kept):
         mlp = layer.mlp
-        slice_linear(mlp.gate_proj, out_idx=idx)
-        slice_linear(mlp.up_proj, out_idx=idx)
+        if hasattr(mlp, "gate_up_proj"):   # fused: the same channels of both halves
+            half = mlp.gate_up_proj.out_features // 2
+            slice_linear(mlp.gate_up_proj, out_idx=torch.cat([idx, idx + half]))
+        else:
+            slice_linear(mlp.gate_proj, out_idx=idx)
+            slice_linear(mlp.up_proj, out_idx=idx)
         slice_linear(mlp.down_proj, in_idx=idx)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(idx)
@@ -65,10 +71,17 @@ def keep_kv_groups(model, kept: list[torch.Tensor]) -> None:
     for layer, groups in zip(model.model.layers, kept):
         attn = layer.self_attn
         q_heads = (groups[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
-        slice_linear(attn.q_proj, out_idx=head_rows(q_heads, d))
-        slice_linear(attn.k_proj, out_idx=head_rows(groups, d))
-        slice_linear(attn.v_proj, out_idx=head_rows(groups, d))
+        if hasattr(attn, "qkv_proj"):      # fused: q rows, then k rows, then v rows
+            q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+            rows = torch.cat([head_rows(q_heads, d), q + head_rows(groups, d), q + kv + head_rows(groups, d)])
+            slice_linear(attn.qkv_proj, out_idx=rows)
+        else:
+            slice_linear(attn.q_proj, out_idx=head_rows(q_heads, d))
+            slice_linear(attn.k_proj, out_idx=head_rows(groups, d))
+            slice_linear(attn.v_proj, out_idx=head_rows(groups, d))
         slice_linear(attn.o_proj, in_idx=head_rows(q_heads, d))
+        if hasattr(attn, "num_key_value_heads"):   # Phi-3 splits its fused rows by these
+            attn.num_key_value_heads = len(groups)
     c.head_dim = d
     c.num_key_value_heads = len(kept[0])
     c.num_attention_heads = len(kept[0]) * group
@@ -92,7 +105,10 @@ def keep_hidden(model, idx: torch.Tensor) -> None:
         norm.weight = _param(norm.weight.data.index_select(0, idx), norm.weight)
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+        readers = [getattr(x, n) for x, names in ((a, ("q_proj", "k_proj", "v_proj", "qkv_proj")),
+                                                  (m, ("gate_proj", "up_proj", "gate_up_proj")))
+                   for n in names if hasattr(x, n)]
+        for lin in readers:
             slice_linear(lin, in_idx=idx)           # read from the residual stream
         for lin in (a.o_proj, m.down_proj):
             slice_linear(lin, out_idx=idx)          # write to it (bias too, when present)
@@ -101,8 +117,12 @@ def keep_hidden(model, idx: torch.Tensor) -> None:
     c.hidden_size = len(idx)
 
 
+# Every [H] norm of a layer, Gemma 3's before and after the MLP included.
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
 def _norms(model) -> list[nn.Module]:
     out = [model.model.norm]
     for layer in model.model.layers:
-        out += [layer.input_layernorm, layer.post_attention_layernorm]
+        out += [getattr(layer, n) for n in LAYER_NORMS if hasattr(layer, n)]
     return out
