@@ -24,15 +24,8 @@ MAX_CONTEXT = 2048   # tokens of conversation kept (the oldest turns go first)
 def model_artifacts(run_dir: Path) -> dict:
     """{name: meta} of the run's finished model artifacts that a runtime can run."""
     from .formats import RUNTIMES
-    out = {}
-    for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            meta = json.loads((d / "meta.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict) and meta.get("format") in RUNTIMES:
-            out[d.name] = meta
-    return out
+    from .report.build import read_artifact_metas
+    return {n: m for n, m in read_artifact_metas(run_dir, []).items() if m.get("format") in RUNTIMES}
 
 
 def pick(run_dir: Path, name: str | None) -> str:
@@ -53,14 +46,6 @@ def pick(run_dir: Path, name: str | None) -> str:
     return name
 
 
-def context_of(teacher_dir: Path) -> int:
-    try:
-        conf = json.loads((teacher_dir / "config.json").read_text())
-        return min(int(conf.get("max_position_embeddings") or MAX_CONTEXT), MAX_CONTEXT)
-    except (OSError, ValueError):
-        return MAX_CONTEXT
-
-
 class Session:
     """One artifact, opened once, answering a conversation turn by turn."""
 
@@ -68,14 +53,14 @@ class Session:
         from . import artifacts
         from .evaluate.generate import stop_ids
         from .evaluate.runtimes import open_runtime
-        from .models import load_tokenizer
+        from .models import load_tokenizer, positions
         teacher = run_dir / "teacher"
         if not (teacher / "meta.json").is_file():
             raise UserError(f"{run_dir} has no teacher artifact (its tokenizer and chat template are needed); "
                             f"re-run compress run to make it")
         self.tok = load_tokenizer(str(teacher))
         self.stops, self.max_tokens = stop_ids(self.tok), max_tokens
-        self.n_ctx = context_of(teacher)
+        self.n_ctx = positions(teacher, MAX_CONTEXT)
         if max_tokens >= self.n_ctx:
             raise UserError(f"--max-tokens {max_tokens} leaves no room for a prompt in the {self.n_ctx}-token "
                             f"context; use fewer than {self.n_ctx}")

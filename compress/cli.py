@@ -93,13 +93,8 @@ def dispatch(argv: list[str]) -> int:
         print("\n".join(f"report: {p}" for k, p in paths.items() if k in ("md", "html")))
         return 0
     if cmd == "compare":
-        out = None
-        if "--out" in rest:
-            i = rest.index("--out")
-            if i + 1 >= len(rest):
-                raise UserError("--out needs a directory, e.g. compress compare runs/a runs/b --out cmp")
-            out = rest[i + 1]
-            rest = rest[:i] + rest[i + 2:]
+        rest = list(rest)
+        out = take_option(rest, "--out", str, "cmp", noun="a directory")
         if len(rest) < 1:
             raise UserError("usage: compress compare runs/a runs/b [--out DIR]")
         from .report.compare import compare
@@ -110,14 +105,14 @@ def dispatch(argv: list[str]) -> int:
     raise UserError(f"unknown command '{cmd}'{closest(cmd, commands)}; commands: {', '.join(commands)}")
 
 
-def take_option(rest: list[str], flag: str, kind=str, example: str = ""):
+def take_option(rest: list[str], flag: str, kind=str, example: str = "", noun: str = "a value"):
     """Remove `flag VALUE` from rest and return VALUE (None when absent); a bad one is one line."""
     from .errors import UserError
     if flag not in rest:
         return None
     i = rest.index(flag)
     if i + 1 >= len(rest):
-        raise UserError(f"{flag} needs a value, e.g. {flag} {example}")
+        raise UserError(f"{flag} needs {noun}, e.g. {flag} {example}")
     value = rest[i + 1]
     del rest[i:i + 2]
     try:

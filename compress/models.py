@@ -103,6 +103,16 @@ def check_arch(config) -> None:
     arch_of(model_type_of(config))
 
 
+def positions(model_dir, cap: int) -> int:
+    """The model's max_position_embeddings from its config.json, at most `cap` (`cap` when unknown)."""
+    import json
+    try:
+        conf = json.loads((Path(model_dir) / "config.json").read_text())
+        return min(int(conf.get("max_position_embeddings") or cap), cap)
+    except (OSError, ValueError):
+        return cap
+
+
 def quiet_transformers() -> None:
     """Stage progress is ours to show; transformers' per-shard bars would interleave with it."""
     from transformers.utils import logging

@@ -51,17 +51,9 @@ def pick(tok, convs: list, n: int, limit: int) -> tuple[list, list[list[int]], i
     return kept, ids, skipped
 
 
-def context_of(teacher: artifacts.Artifact) -> int:
-    try:
-        conf = json.loads((Path(teacher.path) / "config.json").read_text())
-        return min(int(conf.get("max_position_embeddings") or MAX_CONTEXT), MAX_CONTEXT)
-    except (OSError, ValueError):
-        return MAX_CONTEXT
-
-
 @stage("samples", inputs=("teacher", "data"), reads=("samples",), format="samples")
 def run(cfg, src, out, *, teacher, data) -> artifacts.Artifact:
-    from ..models import load_tokenizer
+    from ..models import load_tokenizer, positions
     from .generate import greedy, offsets, stop_ids
     from .runtimes import check_format, open_runtime
     out = Path(out)
@@ -69,7 +61,7 @@ def run(cfg, src, out, *, teacher, data) -> artifacts.Artifact:
     tok = load_tokenizer(str(teacher.path))
     stops, max_new = stop_ids(tok), cfg.samples.tokens
     all_convs, source = conversations(data)
-    convs, prompts, skipped = pick(tok, all_convs, cfg.samples.prompts, context_of(teacher) - max_new)
+    convs, prompts, skipped = pick(tok, all_convs, cfg.samples.prompts, positions(teacher.path, MAX_CONTEXT) - max_new)
     with artifacts.writing(out) as (tmp, meta):
         answers = []
         if prompts:

@@ -128,10 +128,5 @@ def _tokenizer(teacher):
 
 def task_context(teacher) -> int:
     """Longest benchmark sequence: the teacher's positions, at most MAX_TASK_CONTEXT."""
-    import json
-    try:
-        conf = json.loads((Path(teacher.path) / "config.json").read_text())
-        positions = int(conf.get("max_position_embeddings") or MAX_TASK_CONTEXT)
-    except (OSError, ValueError):
-        positions = MAX_TASK_CONTEXT
-    return min(positions, MAX_TASK_CONTEXT)
+    from ..models import positions
+    return positions(teacher.path, MAX_TASK_CONTEXT)
