@@ -28,7 +28,7 @@ ONNX_PRECISIONS, ONNX_QUANTS, BNB_QUANTS = export_types("onnx"), quant_types("on
 DEPTH_METRICS = ("block_influence", "loss")   # how prune scores layers (student/importance.py)
 # Pipeline order; each is a declared stage (compress/stage.py) that `stages=[...]` can redo.
 STAGES = ["teacher", "data", "student", "prune", "distill", "export", "imatrix", "sensitivity", "quantize",
-          "layout", "reference", "evaluate", "samples"]
+          "qad", "layout", "reference", "evaluate", "samples"]
 # `student=path` is shorthand for `student.model=path`.
 SHORTHANDS = {"student": "student.model"}
 
@@ -157,6 +157,27 @@ class Quantize:
     bnb: list = key([], "bitsandbytes HF artifacts (GPU servers)", choices=BNB_QUANTS)
 
 
+# A GGUF type's tensors of a tunable block type are tuned (quantize/blocks.py), the K-quants kept;
+# int4 is ONNX MatMulNBits (quantize/qad_onnx.py).
+QAD_TYPES = quant_types("gguf") + ("int4",)
+QAD_MODELS = ("teacher", "student")
+
+
+@dataclass
+class Qad:
+    """Quantization-aware distillation: a low-bit file's block scales trained against the teacher."""
+    types: list = key([], "plain quantized types that get a tuned sibling named <artifact>-qad: GGUF types of "
+                          "quantize.gguf, int4 of quantize.onnx", choices=QAD_TYPES)
+    of: list = key(["teacher", "student"], "whose files are tuned: the teacher's quants, the distilled "
+                                           "student's, or both", choices=QAD_MODELS)
+    tokens: int = key(16384, "training tokens (steps x batch x seq_len) from the train split, cycled when "
+                             "it is shorter", ge=1)
+    seq_len: int = key(256, "tokens per training sequence", ge=8)
+    batch: int = key(1, "sequences per step", ge=1)
+    lr: float = key(2e-3, "Adam learning rate of the relative scale changes", gt=0, lt=1)
+    checkpoint_every: int = key(10, "steps between atomic checkpoints", ge=1)
+
+
 @dataclass
 class Eval:
     """Measuring every artifact in the runtime it ships in, against the teacher."""
@@ -206,6 +227,7 @@ class RunConfig:
     distill: Distill = field(default_factory=Distill)
     export: Export = field(default_factory=Export)
     quantize: Quantize = field(default_factory=Quantize)
+    qad: Qad = field(default_factory=Qad)
     eval: Eval = field(default_factory=Eval)
     samples: Samples = field(default_factory=Samples)
 
@@ -380,6 +402,19 @@ WORDING = {
 }
 
 
+def check_qad(cfg: RunConfig) -> None:
+    """qad.types tunes files the run builds: each type must be among the plain ones it quantizes."""
+    for t in cfg.qad.types:
+        onnx = t == "int4"
+        built = cfg.quantize.onnx if onnx else [str(q) for q in cfg.quantize.gguf]
+        if t not in built:
+            which = "quantize.onnx" if onnx else "quantize.gguf"
+            raise UserError(f"qad.types lists {t}, which {which}={list(built)} does not build; tuning starts "
+                            f"from the plain file: add {t} to {which} or drop it from qad.types")
+    if len(set(cfg.qad.types)) < len(cfg.qad.types):
+        raise UserError(f"qad.types={list(cfg.qad.types)} lists a type twice; list each once")
+
+
 def validate(cfg: RunConfig) -> None:
     """Every key against its field's choices and range, then the checks that span keys."""
     for name, f in walk(RunConfig):
@@ -396,6 +431,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("quantize.onnx needs the fp32 ONNX it starts from; add export.onnx=fp32")
     if cfg.export.layout is not None and cfg.export.onnx is None:
         raise UserError("export.layout=transformers.js lays out ONNX files; add export.onnx=fp32")
+    check_qad(cfg)
     if cfg.export.gguf is None:
         if cfg.quantize.gguf:
             raise UserError("quantize.gguf needs the unquantized GGUF it starts from; set export.gguf=F16 "

@@ -142,7 +142,10 @@ def stages(r: Runner) -> bool:
     baseline = ship(r, "teacher-", teacher, teacher, data_art) if cfg.quantize.teacher else []
     if cfg.export.layout:   # one directory a browser app loads, from the evaluated ONNX artifacts
         from .export import browser
-        r.step(browser.run, "browser", src=[a for a in shipped if a.meta["format"] == "onnx"])
+        onnx = [a for a in shipped if a.meta["format"] == "onnx"]
+        tuned_names = {a.name for a in onnx}
+        # a QAD-tuned file takes its plain sibling's place (the same transformers.js dtype)
+        r.step(browser.run, "browser", src=[a for a in onnx if f"{a.name}-qad" not in tuned_names])
 
     ref = r.step(reference.run, reference.REFERENCE, src=teacher, data=data_art)
     ood = r.step(reference.run_ood, reference.OOD_REFERENCE, src=teacher) if reference.has_ood(cfg.eval.ood) else None
@@ -163,7 +166,7 @@ def ship(r: Runner, prefix: str, hf, teacher, data_art) -> list:
     cfg = r.cfg
     arts = gguf_branch(r, prefix, hf, teacher, data_art) if cfg.export.gguf else []
     if cfg.export.onnx:
-        arts += onnx_branch(r, prefix, hf, teacher)
+        arts += onnx_branch(r, prefix, hf, teacher, data_art)
     arts += [r.step(stage_of("bnb", "quantize"), f"{prefix}bnb-{q}", src=hf, qtype=q) for q in cfg.quantize.bnb]
     return arts
 
@@ -175,13 +178,24 @@ def stage_of(fmt: str, kind: str):
     return import_module(getattr(FORMATS[fmt], f"{kind}_module")).run
 
 
-def onnx_branch(r: Runner, prefix: str, hf, teacher) -> list:
+def onnx_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
     """HF artifact -> fp32 ONNX with KV cache, and one MatMulNBits artifact per type beside it."""
     cfg = r.cfg
     fp32 = r.step(stage_of("onnx", "export"), f"{prefix}onnx-{cfg.export.onnx}", src=hf, teacher=teacher)
     quants = [r.step(stage_of("onnx", "quantize"), f"{prefix}onnx-{q}", src=hf, qtype=q, fp32=fp32)
               for q in cfg.quantize.onnx]
-    return [fp32, *quants]
+    return [fp32, *quants, *tuned(r, prefix, quants, cfg.quantize.onnx, hf, teacher, data_art)]
+
+
+def tuned(r: Runner, prefix: str, plain: list, types: list, hf, teacher, data_art) -> list:
+    """The quantization-aware distilled sibling `<plain>-qad` of each plain file qad.types names."""
+    from .quantize import qad, qad_onnx
+    cfg = r.cfg
+    if ("teacher" if prefix else "student") not in cfg.qad.of:
+        return []
+    return [r.step(qad_onnx.run if art.meta["format"] == "onnx" else qad.run, f"{art.name}-qad", src=art,
+                   hf=hf, teacher=teacher, data=data_art)
+            for art, t in zip(plain, map(str, types)) if t in cfg.qad.types]
 
 
 def gguf_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
@@ -198,4 +212,4 @@ def gguf_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
               if mix.is_auto(q) else
               r.step(stage_of("gguf", "quantize"), f"{prefix}gguf-{q}", src=f16, qtype=q, imatrix=imat)
               for q in cfg.quantize.gguf]
-    return [f16, *quants]
+    return [f16, *quants, *tuned(r, prefix, quants, cfg.quantize.gguf, hf, teacher, data_art)]

@@ -27,10 +27,10 @@ class Stored:
     data: np.ndarray   # uint8 [rows, row bytes], memory-mapped
 
 
-def tensors_of(path) -> dict[str, Stored]:
-    """{name: Stored} of a GGUF's 2-D tensors (the matrices), memory-mapped."""
+def tensors_of(path, mode: str = "r") -> dict[str, Stored]:
+    """{name: Stored} of a GGUF's 2-D tensors (the matrices), memory-mapped (mode "r+": writable in place)."""
     from gguf import GGML_QUANT_SIZES
-    buf, start, infos = table(path)
+    buf, start, infos = table(path, mode)
     out = {}
     for name, dims, ttype, offset in infos:
         if len(dims) != 2:
@@ -48,11 +48,11 @@ def tensor_types(path) -> dict[str, str]:
     return {name: ttype.name for name, _, ttype, _ in table(path)[2]}
 
 
-def table(path):
+def table(path, mode: str = "r"):
     """(memory map, data start, [(name, dims, type, offset)]): the GGUF's tensor table."""
     import struct
     from gguf import GGMLQuantizationType
-    buf = np.memmap(path, mode="r")
+    buf = np.memmap(path, mode=mode)
     mv = memoryview(buf)
     magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", mv, 0)
     if magic != b"GGUF" or version < 2:

@@ -13,6 +13,8 @@ from ..config import STAGES as STAGE_ORDER
 
 # What each stage adds to an artifact's recipe, walking its parents up to the teacher.
 RECIPE = {"student": "layer-dropped", "prune": "pruned", "distill": "distilled"}
+# ... and what tunes a quantized file (quantize/qad.py) after it was made.
+TUNED = {"qad": "QAD"}
 
 
 def task_summary(arts: list[dict]) -> dict:
@@ -50,8 +52,8 @@ def recipe(name: str, metas: dict) -> str:
         stage = m.get("stage")
         if stage == "teacher":
             break
-        if stage in RECIPE:
-            steps.append(RECIPE[stage])
+        if stage in RECIPE or stage in TUNED:
+            steps.append(RECIPE.get(stage) or TUNED[stage])
         elif stage == "quantize" or (stage == "export" and not quantized):
             steps.append(f"{(m.get('format') or '').upper()} {m.get('quant') or ''}".strip())
             quantized = True

@@ -1,0 +1,228 @@
+"""Quantization-aware distillation into a GGUF file: the blocks llama.cpp's quantizer wrote, with
+their scales (and mins) trained against the teacher, written back into the same file.
+
+    compress run profile=phone qad.types=[Q4_0]          # -> teacher-gguf-Q4_0-qad, gguf-Q4_0-qad
+    from compress.quantize import qad
+    art = qad.run(cfg, plain_q4_0, run_dir / "gguf-Q4_0-qad", hf=distilled, teacher=teacher, data=data)
+
+It starts from the plain file (llama.cpp's quantizer with the importance matrix), loads every matrix
+of it into the HF model as the values llama.cpp computes (so the torch model is the file's model),
+trains the block scales of each matrix whose type has a tuner (blocks.TUNABLE) on train-split
+tokens against the teacher's distributions (tune.py), and writes the trained float16 scales and
+mins into a copy of the plain file's bytes: the integer codes, every other tensor and the metadata
+are untouched, the file size is identical, and no F16 is quantized again (a fresh quantization
+would undo what was learned). Tensors of other types (K-quants) stay as llama.cpp wrote them and
+meta.json lists them. Before shipping, the tuned and the plain file are both scored in llama.cpp
+on train tokens set aside from tuning; the plain blocks ship if tuning lost (metrics.shipped).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import artifacts
+from ..errors import UserError
+from ..formats import GGUF_QUANT
+from ..stage import current, stage
+from .blocks import TUNABLE, Blocks, pack, unpack
+from .header import tensors_of
+
+OUT_FILE = "model.gguf"
+CHECK = 512     # train tokens set aside to decide tuned vs plain in llama.cpp
+
+
+@stage("qad", inputs=("hf", "teacher", "data"), reads=("qad",), format="gguf")
+def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
+    """Plain quantized GGUF artifact `src` (made from HF artifact `hf`) -> tuned GGUF at `out`."""
+    from ..models import load_model, load_tokenizer
+    from . import gguf as quantize_gguf
+    from .tune import attach
+    qtype = src.meta.get("quant")
+    if qtype not in GGUF_QUANT or src.meta.get("stage") != "quantize":
+        raise UserError(f"quantization-aware distillation starts from a file of llama.cpp's quantizer; "
+                        f"{src.name} is {qtype or 'not quantized'}")
+    check_budget(cfg.qad)
+    model = load_model(str(hf.path))
+    stored = tensors_of(src.file)
+    plan = match(model, stored)
+    # Matrices that multiply (not the embedding table, which is looked up) of a type with a tuner.
+    tunable = {n: g for n, g in plan.items() if stored[g].type in TUNABLE and is_linear(model, n)}
+    if not tunable:
+        raise UserError(f"{src.name} holds no tensor of a type qad can tune ({', '.join(TUNABLE)}); "
+                        f"tune Q4_0, Q4_1, Q5_0 or Q8_0 files")
+    perms = row_orders(model.config, plan)
+    blocks = {g: unpack(np.asarray(stored[g].data), stored[g].type, stored[g].cols) for g in tunable.values()}
+    load_fixed(model, stored, plan, perms, skip=set(tunable))
+    layers = attach(model, {n: hf_rows(blocks[g], perms.get(n)) for n, g in tunable.items()})
+    tok = load_tokenizer(str(hf.path))
+    seqs, check = train_tokens(tok, data, cfg.qad.tokens, cfg.qad.seq_len)
+    with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
+        history = train(cfg, model, teacher, seqs, out)
+        trained = {g: gguf_blocks(blocks[g], layers[n], perms.get(n)) for n, g in tunable.items()}
+        write(Path(src.file), tmp / OUT_FILE, trained)
+        checked = check_files(teacher, check, Path(src.file), tmp / OUT_FILE)
+        if checked and checked["tuned_kld"] > checked["plain_kld"]:
+            shutil.copyfile(src.file, tmp / OUT_FILE)
+        quantize_gguf.modelfile(src, tmp)
+        kept = {g: stored[g].type for g in plan.values() if g not in blocks}
+        meta["params"] = src.meta.get("params")
+        meta["metrics"] = {
+            "plain": src.name, "qtype": qtype, **budget_of(cfg.qad, history, seqs),
+            "tuned_tensors": len(tunable), "tuned_types": sorted({stored[g].type for g in tunable.values()}),
+            "kept_tensors": kept, "kept_types": sorted(set(kept.values())), "check": checked,
+            "shipped": "plain" if checked and checked["tuned_kld"] > checked["plain_kld"] else "tuned",
+            "tensor_types": src.meta.get("metrics", {}).get("tensor_types")}
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    return artifacts.load(out)
+
+
+def check_budget(q) -> None:
+    if q.tokens < q.seq_len:
+        raise UserError(f"qad.tokens={q.tokens} is less than one sequence of qad.seq_len={q.seq_len}; "
+                        f"give qad.tokens>={q.seq_len}")
+
+
+def checkpoint_dir(out: Path) -> Path:
+    ident = current()
+    return out.parent / "checkpoints" / f"{out.name}-{ident.hash if ident else 'direct'}"
+
+
+def train(cfg, model, teacher, seqs, out: Path) -> dict:
+    from ..models import load_model
+    from .tune import tune
+    q = cfg.qad
+    steps = max(1, q.tokens // (q.seq_len * q.batch))
+    target = load_model(str(teacher.path))
+    t0 = time.time()
+
+    def log(step, total, loss):
+        if step == 1 or step % 10 == 0 or step == total:
+            print(f"  qad step {step}/{total}  KL {loss:.4f}  {time.time() - t0:.0f} s", flush=True)
+    return tune(model, target, seqs, steps, q.lr, checkpoint_dir(out), q.checkpoint_every, batch=q.batch, log=log)
+
+
+def budget_of(q, history: dict, seqs) -> dict:
+    seconds = history.get("seconds", 0.0)
+    tokens = history["steps"] * q.batch * q.seq_len
+    return {"tokens": tokens, "steps": history["steps"], "unique_tokens": int(seqs.numel()),
+            "seconds": round(seconds, 1), "ms_per_token": round(1000 * seconds / max(tokens, 1), 2),
+            "loss_first": history["loss"][0] if history["loss"] else None,
+            "loss_last": history["loss"][-1] if history["loss"] else None}
+
+
+# ---------------------------------------------------------------- the file <-> the HF model
+
+def match(model, stored: dict) -> dict[str, str]:
+    """{HF module name: GGUF tensor name} of every matrix of the model the file holds.
+
+    A tied output layer is the embedding table (token_embd.weight) and appears once, as the embedding."""
+    from ..export.gguf import gguf_name, tensor_name_map
+    names = tensor_name_map(model.config)
+    plan = {}
+    seen = set()
+    for mod_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2 or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        g = gguf_name(names, mod_name + ".weight")
+        if g not in stored:
+            raise UserError(f"the quantized file has no tensor {g} for {mod_name}; it was made from another model")
+        plan[mod_name] = g
+    return plan
+
+
+def is_linear(model, name: str) -> bool:
+    import torch
+    return isinstance(model.get_submodule(name), torch.nn.Linear)
+
+
+def row_orders(config, plan: dict[str, str]) -> dict[str, np.ndarray]:
+    """{HF module name: p} for the matrices whose rows the GGUF export reorders (Q and K under
+    llama.cpp's rope layout): GGUF row i is HF row p[i]."""
+    from ..export.gguf import arch_spec, permute_qk
+    if not arch_spec(config).permute_qk:
+        return {}
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    out = {}
+    for name, g in plan.items():
+        heads = n_head if ".attn_q." in g else n_kv if ".attn_k." in g else None
+        if heads:
+            rows = config.head_dim * heads if getattr(config, "head_dim", None) else None
+            rows = rows or (config.hidden_size // n_head) * heads
+            out[name] = permute_qk(np.arange(rows)[:, None], heads)[:, 0]
+    return out
+
+
+def load_fixed(model, stored: dict, plan: dict, perms: dict, skip: set) -> None:
+    """Give every matrix not tuned the values the file holds (llama.cpp's dequantization), so the
+    torch model computes what llama.cpp will."""
+    import torch
+    from gguf import GGMLQuantizationType, dequantize
+    for name, g in plan.items():
+        if name in skip:
+            continue
+        t = stored[g]
+        w = dequantize(np.asarray(t.data), GGMLQuantizationType[t.type]).reshape(t.rows, t.cols)
+        if name in perms:
+            w = w[np.argsort(perms[name])]
+        weight = model.get_submodule(name).weight
+        weight.data.copy_(torch.from_numpy(np.ascontiguousarray(w)).to(weight.dtype))
+
+
+def hf_rows(b: Blocks, perm) -> tuple:
+    """(q, d, m) in the HF module's row order."""
+    inv = slice(None) if perm is None else np.argsort(perm)
+    return (b.q[inv].astype(np.int8), b.d[inv], None if b.m is None else b.m[inv])
+
+
+def gguf_blocks(b: Blocks, layer, perm) -> Blocks:
+    """The trained scales (and mins) with the file's codes, in GGUF row order."""
+    d, m = (x.detach().numpy() if x is not None else None for x in layer.stored())
+    order = slice(None) if perm is None else perm
+    return Blocks(b.qtype, b.q, d[order], None if m is None else m[order])
+
+
+def write(src: Path, dst: Path, trained: dict[str, Blocks]) -> None:
+    """A copy of `src` with the trained tensors' blocks written over their bytes."""
+    shutil.copyfile(src, dst)
+    stored = tensors_of(dst, mode="r+")
+    for g, b in trained.items():
+        stored[g].data[:] = pack(b)
+    if stored:
+        next(iter(stored.values())).data.base.flush()   # every tensor is a view of one memory map
+
+
+# ---------------------------------------------------------------- data and the check
+
+def train_tokens(tok, data, tokens: int, seq_len: int):
+    """([N, seq_len] training sequences, CHECK further train tokens) from the train split only: the
+    held-out and out-of-domain sets stay unseen. The sequences are cycled when N * seq_len < tokens."""
+    import torch
+    from ..data import read_texts, token_stream
+    ids = token_stream(tok, read_texts(data, "train"), limit=tokens + CHECK)
+    check = ids[-CHECK:] if len(ids) >= 4 * CHECK else []
+    ids = ids[:len(ids) - len(check)]
+    n = min(len(ids), tokens) // seq_len
+    if n == 0:
+        raise UserError(f"the train split has {len(ids)} tokens, fewer than one qad.seq_len={seq_len} sequence; "
+                        f"give more data or lower qad.seq_len")
+    return torch.tensor(ids[:n * seq_len]).view(n, seq_len), check
+
+
+def check_files(teacher, ids: list[int], plain: Path, tuned: Path) -> dict | None:
+    """KL(teacher || file) in llama.cpp on the set-aside train tokens, for the plain and tuned files."""
+    if not ids:
+        return None
+    import torch
+    from ..evaluate.quality import kld
+    from ..models import load_model
+    from .mix import logprobs
+    model = load_model(str(teacher.path))
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1).numpy()
+    return {"tokens": len(ids), "plain_kld": kld(ref, logprobs(plain, ids)), "tuned_kld": kld(ref, logprobs(tuned, ids))}

@@ -1,0 +1,160 @@
+"""The training half of quantization-aware distillation (qad.py, qad_onnx.py): a model whose
+quantized matrices are their stored blocks, w = d * q + m, with the block scales d (and mins m)
+trained against the teacher's next-token distributions while the integer codes q stay fixed.
+
+    layers = attach(model, {"model.layers.0.self_attn.q_proj": (q, d, m), ...})
+    history = tune(model, teacher, seqs, steps=60, lr=2e-3, ckpt_dir=..., every=10)
+    d, m = layers["model.layers.0.self_attn.q_proj"].stored()       # float32, ready to pack
+
+Scales are trained as relative changes, d = d0 * (1 + s), and mins in units of their block's
+scale, m = m0 + d0 * t: one learning rate then fits blocks whose scales differ by orders of
+magnitude. The loss is KL(teacher || model) per token over the whole vocabulary, the same
+quantity the evaluate stage reports.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+
+class Blockwise(torch.nn.Module):
+    """A linear layer y = x W^T + b whose weight W [out, in] is held as blocks of `in / blocks` columns:
+    W = d * q + m, q integer codes [out, blocks, size] (fixed), d and m [out, blocks] (trained)."""
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("q", q.float(), persistent=False)
+        self.register_buffer("d0", d.float(), persistent=False)
+        self.register_buffer("m0", m.float() if m is not None else None, persistent=False)
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None, persistent=False)
+        self.scale = torch.nn.Parameter(torch.zeros_like(self.d0))
+        self.shift = torch.nn.Parameter(torch.zeros_like(self.d0)) if m is not None else None
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d, m): what the file will hold, float32 [out, blocks]."""
+        d = self.d0 * (1 + self.scale)
+        m = self.m0 + self.d0 * self.shift if self.shift is not None else None
+        return d, m
+
+    def weight(self) -> torch.Tensor:
+        d, m = self.stored()
+        w = d[..., None] * self.q
+        if m is not None:
+            w = w + m[..., None]
+        return w.reshape(w.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+
+def attach(model, blocks: dict[str, tuple]) -> dict[str, Blockwise]:
+    """Replace each named nn.Linear of `model` with a Blockwise layer built from (q, d, m) numpy
+    arrays in the module's own row order; every other parameter is frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for name, (q, d, m) in blocks.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        linear = getattr(owner, child)
+        if tuple(linear.weight.shape) != (q.shape[0], q.shape[1] * q.shape[2]):
+            raise ValueError(f"{name}: stored blocks {q.shape} do not match the weight {tuple(linear.weight.shape)}")
+        layer = Blockwise(torch.from_numpy(q), torch.from_numpy(d), None if m is None else torch.from_numpy(m),
+                          linear.bias)
+        setattr(owner, child, layer)
+        layers[name] = layer
+    return layers
+
+
+def kl_loss(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || model), nats. Both [..., V]."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Path, every: int,
+         batch: int = 1, seconds: float | None = None, log=None) -> dict:
+    """Train the Blockwise scales of `model` for `steps` steps of `batch` sequences of `seqs`
+    [N, L] (cycled), resuming from `ckpt_dir`; stops early after `seconds`. Returns the history."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    # linear decay to zero: the last steps settle the scales instead of moving them
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1 - i / max(steps, 1)))
+    start, history = _load(ckpt_dir, model, opt, sched)
+    teacher_logits = _teacher_cache(teacher, seqs)
+    model.train(False)   # no dropout: the codes are fixed, only the scales learn
+    t0 = time.time() - history.get("seconds", 0.0)
+    step = start
+    for step in range(start, steps):
+        rows = torch.arange(step * batch, (step + 1) * batch) % len(seqs)
+        loss = kl_loss(teacher_logits(rows), model(seqs[rows]).logits)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"quantization-aware distillation diverged at step {step} (loss {loss.item()}); "
+                            f"lower qad.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history["loss"].append(round(loss.item(), 5))
+        history["seconds"] = time.time() - t0
+        if log:
+            log(step + 1, steps, loss.item())
+        done = step + 1 == steps or (seconds is not None and history["seconds"] >= seconds)
+        if (step + 1) % every == 0 or done:
+            _save(ckpt_dir, step + 1, model, opt, sched, history)
+        if done:
+            history["stopped_early"] = step + 1 < steps
+            return history | {"steps": step + 1}
+    return history | {"steps": max(step + 1, start)}
+
+
+def _teacher_cache(teacher, seqs: torch.Tensor):
+    """rows -> the teacher's logits for those sequences, each computed once: the teacher runs one
+    forward per sequence however many epochs the steps take. Kept as float16 logits minus their
+    maximum: exact to 1e-3 where the probability mass is, half the memory of float32."""
+    cache: dict[int, torch.Tensor] = {}
+
+    def logits(rows: torch.Tensor) -> torch.Tensor:
+        for r in rows.tolist():
+            if r not in cache:
+                with torch.inference_mode():
+                    z = teacher(seqs[r:r + 1]).logits[0].float()
+                    cache[r] = (z - z.amax(-1, keepdim=True)).half()
+        return torch.stack([cache[r] for r in rows.tolist()]).float()
+    return logits
+
+
+def _trained(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _save(ckpt_dir: Path, step: int, model, opt, sched, history: dict) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / "checkpoint.pt.tmp"
+    torch.save({"step": step, "params": _trained(model), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "history": history}, tmp)
+    os.replace(tmp, ckpt_dir / "checkpoint.pt")   # atomic: a kill leaves the previous one intact
+
+
+def _load(ckpt_dir: Path, model, opt, sched) -> tuple[int, dict]:
+    path = ckpt_dir / "checkpoint.pt"
+    if not path.is_file():
+        return 0, {"loss": [], "seconds": 0.0}
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart tuning") from None
+    named = dict(model.named_parameters())
+    for k, v in state["params"].items():
+        named[k].data.copy_(v)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return state["step"], state["history"]
