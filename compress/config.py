@@ -170,11 +170,11 @@ class Qad:
                           "quantize.gguf, int4 of quantize.onnx", choices=QAD_TYPES)
     of: list = key(["teacher", "student"], "whose files are tuned: the teacher's quants, the distilled "
                                            "student's, or both", choices=QAD_MODELS)
-    tokens: int = key(16384, "training tokens (steps x batch x seq_len) from the train split, cycled when "
+    tokens: int = key(8192, "training tokens (steps x batch x seq_len) from the train split, cycled when "
                              "it is shorter", ge=1)
     seq_len: int = key(256, "tokens per training sequence", ge=8)
     batch: int = key(1, "sequences per step", ge=1)
-    lr: float = key(2e-3, "Adam learning rate of the relative scale changes", gt=0, lt=1)
+    lr: float = key(1e-3, "Adam learning rate of the relative scale changes", gt=0, lt=1)
     checkpoint_every: int = key(10, "steps between atomic checkpoints", ge=1)
 
 
@@ -403,16 +403,24 @@ WORDING = {
 
 
 def check_qad(cfg: RunConfig) -> None:
-    """qad.types tunes files the run builds: each type must be among the plain ones it quantizes."""
+    """qad.types tunes files the run builds (a type quantize.* does not list is built for it): the
+    unquantized file each starts from must be exported."""
     for t in cfg.qad.types:
-        onnx = t == "int4"
-        built = cfg.quantize.onnx if onnx else [str(q) for q in cfg.quantize.gguf]
-        if t not in built:
-            which = "quantize.onnx" if onnx else "quantize.gguf"
-            raise UserError(f"qad.types lists {t}, which {which}={list(built)} does not build; tuning starts "
-                            f"from the plain file: add {t} to {which} or drop it from qad.types")
+        if t == "int4" and cfg.export.onnx is None:
+            raise UserError("qad.types=[int4] tunes the ONNX INT4 file, which starts from the fp32 ONNX; "
+                            "add export.onnx=fp32 or drop int4 from qad.types")
+        if t != "int4" and cfg.export.gguf is None:
+            raise UserError(f"qad.types=[{t}] tunes a GGUF file, which starts from the unquantized GGUF; "
+                            f"set export.gguf=F16 or drop {t} from qad.types")
     if len(set(cfg.qad.types)) < len(cfg.qad.types):
         raise UserError(f"qad.types={list(cfg.qad.types)} lists a type twice; list each once")
+
+
+def plain_types(cfg: RunConfig, fmt: str, model: str) -> list:
+    """The plain types a model's `fmt` branch quantizes: quantize.<fmt>, then those qad.types adds."""
+    listed = [str(q) for q in getattr(cfg.quantize, fmt)]
+    extra = [t for t in cfg.qad.types if model in cfg.qad.of and (t == "int4") == (fmt == "onnx")]
+    return listed + [t for t in extra if t not in listed]
 
 
 def validate(cfg: RunConfig) -> None:

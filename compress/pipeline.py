@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import artifacts
-from .config import RunConfig, resolved_threads
+from .config import RunConfig, plain_types, resolved_threads
 
 console = Console(stderr=True)
 
@@ -182,9 +182,9 @@ def onnx_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
     """HF artifact -> fp32 ONNX with KV cache, and one MatMulNBits artifact per type beside it."""
     cfg = r.cfg
     fp32 = r.step(stage_of("onnx", "export"), f"{prefix}onnx-{cfg.export.onnx}", src=hf, teacher=teacher)
-    quants = [r.step(stage_of("onnx", "quantize"), f"{prefix}onnx-{q}", src=hf, qtype=q, fp32=fp32)
-              for q in cfg.quantize.onnx]
-    return [fp32, *quants, *tuned(r, prefix, quants, cfg.quantize.onnx, hf, teacher, data_art)]
+    types = plain_types(cfg, "onnx", "teacher" if prefix else "student")
+    quants = [r.step(stage_of("onnx", "quantize"), f"{prefix}onnx-{q}", src=hf, qtype=q, fp32=fp32) for q in types]
+    return [fp32, *quants, *tuned(r, prefix, quants, types, hf, teacher, data_art)]
 
 
 def tuned(r: Runner, prefix: str, plain: list, types: list, hf, teacher, data_art) -> list:
@@ -204,12 +204,13 @@ def gguf_branch(r: Runner, prefix: str, hf, teacher, data_art) -> list:
     cfg = r.cfg
     f16 = r.step(stage_of("gguf", "export"), f"{prefix}gguf-{cfg.export.gguf}", src=hf, teacher=teacher)
     imat = sens = None
-    if cfg.quantize.gguf and cfg.quantize.imatrix:
+    types = plain_types(cfg, "gguf", "teacher" if prefix else "student")
+    if types and cfg.quantize.imatrix:
         imat = r.step(imatrix.run, f"{prefix}imatrix", src=hf, data=data_art)
-    if any(mix.is_auto(q) for q in cfg.quantize.gguf):
+    if any(mix.is_auto(q) for q in types):
         sens = r.step(sensitivity.run, f"{prefix}sensitivity", src=hf, data=data_art)
     quants = [r.step(mix.run, prefix + mix.artifact_name(q), src=f16, qtype=str(q), imatrix=imat, sensitivity=sens)
               if mix.is_auto(q) else
               r.step(stage_of("gguf", "quantize"), f"{prefix}gguf-{q}", src=f16, qtype=q, imatrix=imat)
-              for q in cfg.quantize.gguf]
-    return [f16, *quants, *tuned(r, prefix, quants, cfg.quantize.gguf, hf, teacher, data_art)]
+              for q in types]
+    return [f16, *quants, *tuned(r, prefix, quants, types, hf, teacher, data_art)]

@@ -56,7 +56,8 @@ def test_every_stage_declares_real_keys_and_is_a_pipeline_stage(tmp_path):
     sections = {k.split(".")[0] for k in keys}
     configs = [[], ["export.onnx=fp32", "quantize.onnx=[int8,int4]", "export.layout=transformers.js",
                     "quantize.bnb=[int8]"], ["prune.params=0.5", "distill.mode=seqkd"], ["data=x.txt", "eval.ood=none"],
-               ["budgets.max_size_mb=80", "quantize.gguf=[Q4_0,auto,auto:30%]"]]
+               ["budgets.max_size_mb=80", "quantize.gguf=[Q4_0,auto,auto:30%]"],
+               ["export.onnx=fp32", "qad.types=[Q4_0,int4]"]]
     seen = set()
     for extra in configs:
         for step in plan(load_config([f"out={tmp_path}", "name=r", *extra])):
@@ -110,6 +111,7 @@ SPECIAL = {
     "quantize.bnb": ["quantize.bnb=[int8]"], "eval.tasks": ["eval.tasks=[copa]"], "eval.ood": ["eval.ood=none"],
     "eval.include_path": ["eval.include_path=tasks/"], "eval.task_data": ["eval.task_data=task-data/"],
     "device.name": ["device.name=another"],
+    "qad.types": ["qad.types=[Q4_0]"], "qad.of": ["qad.of=[teacher]"],
 }
 
 

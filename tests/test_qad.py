@@ -201,12 +201,14 @@ def test_refusals_are_one_line(tuned):
     f16 = artifacts.load(work / "teacher-gguf-F16")
     with pytest.raises(UserError, match="starts from a file of llama.cpp's quantizer; teacher-gguf-F16 is F16"):
         qad.run(cfg, f16, work / "x-qad", hf=teacher, teacher=teacher, data=data)
-    with pytest.raises(UserError, match="qad.types lists Q4_1, which quantize.gguf"):
-        load_config(["qad.types=[Q4_1]", "quantize.gguf=[Q4_0]"])
+    with pytest.raises(UserError, match="add export.onnx=fp32 or drop int4 from qad.types"):
+        load_config(["qad.types=[int4]"])
+    with pytest.raises(UserError, match="set export.gguf=F16 or drop Q4_0"):
+        load_config(["qad.types=[Q4_0]", "export.gguf=null", "quantize.gguf=[]"])
     with pytest.raises(UserError, match="qad.tokens"):
         load_config(["qad.tokens=0"])
-    with pytest.raises(UserError, match="qad.types lists int4, which quantize.onnx"):
-        load_config(["qad.types=[int4]"])
+    with pytest.raises(UserError, match="qad.types"):
+        load_config(["qad.types=[Q4_9]"])
     assert not (work / "x-qad").exists()
 
 

@@ -59,11 +59,12 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
     layers = attach(model, {n: hf_rows(blocks[g], perms.get(n)) for n, g in tunable.items()})
     tok = load_tokenizer(str(hf.path))
     seqs, check = train_tokens(tok, data, cfg.qad.tokens, cfg.qad.seq_len)
+    target = load_model(str(teacher.path))
     with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
-        history = train(cfg, model, teacher, seqs, out)
+        history = train(cfg, model, target, seqs, out)
         trained = {g: gguf_blocks(blocks[g], layers[n], perms.get(n)) for n, g in tunable.items()}
         write(Path(src.file), tmp / OUT_FILE, trained)
-        checked = check_files(teacher, check, Path(src.file), tmp / OUT_FILE)
+        checked = check_files(target, check, Path(src.file), tmp / OUT_FILE)
         if checked and checked["tuned_kld"] > checked["plain_kld"]:
             shutil.copyfile(src.file, tmp / OUT_FILE)
         quantize_gguf.modelfile(src, tmp)
@@ -90,12 +91,11 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / "checkpoints" / f"{out.name}-{ident.hash if ident else 'direct'}"
 
 
-def train(cfg, model, teacher, seqs, out: Path) -> dict:
-    from ..models import load_model
+def train(cfg, model, target, seqs, out: Path) -> dict:
+    """Tune `model`'s Blockwise layers against the teacher model `target` (tune.py)."""
     from .tune import tune
     q = cfg.qad
     steps = max(1, q.tokens // (q.seq_len * q.batch))
-    target = load_model(str(teacher.path))
     t0 = time.time()
 
     def log(step, total, loss):
@@ -214,15 +214,17 @@ def train_tokens(tok, data, tokens: int, seq_len: int):
     return torch.tensor(ids[:n * seq_len]).view(n, seq_len), check
 
 
-def check_files(teacher, ids: list[int], plain: Path, tuned: Path) -> dict | None:
+def reference(target, ids: list[int]):
+    import torch
+    with torch.inference_mode():
+        return torch.log_softmax(target(torch.tensor([ids])).logits[0].float(), -1).numpy()
+
+
+def check_files(target, ids: list[int], plain: Path, tuned: Path) -> dict | None:
     """KL(teacher || file) in llama.cpp on the set-aside train tokens, for the plain and tuned files."""
     if not ids:
         return None
-    import torch
     from ..evaluate.quality import kld
-    from ..models import load_model
     from .mix import logprobs
-    model = load_model(str(teacher.path))
-    with torch.inference_mode():
-        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1).numpy()
+    ref = reference(target, ids)
     return {"tokens": len(ids), "plain_kld": kld(ref, logprobs(plain, ids)), "tuned_kld": kld(ref, logprobs(tuned, ids))}

@@ -54,15 +54,16 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
             at += rows
     layers = attach(model, pieces)
     seqs, check = qad.train_tokens(load_tokenizer(str(hf.path)), data, cfg.qad.tokens, cfg.qad.seq_len)
+    target = load_model(str(teacher.path))
     with artifacts.writing(out, quant="int4", file=OUT_FILE) as (tmp, meta):
-        history = qad.train(cfg, model, teacher, seqs, out)
+        history = qad.train(cfg, model, target, seqs, out)
         scales = {name: np.concatenate([layers[mod].stored()[0].detach().numpy() for mod, _ in mods])
                   for name, mods in plan.items()}
         for f in Path(src.path).iterdir():      # config, tokenizer, genai_config: as the plain artifact's
             if f.is_file() and f.name not in (OUT_FILE, OUT_FILE + "_data", artifacts.META):
                 shutil.copy2(f, tmp / f.name)
         resave(Path(src.file), tmp / OUT_FILE, edit=lambda g: set_scales(g, mats, scales))
-        checked = check_files(teacher, check, Path(src.file), tmp / OUT_FILE)
+        checked = check_files(target, check, Path(src.file), tmp / OUT_FILE)
         shipped = "plain" if checked and checked["tuned_kld"] > checked["plain_kld"] else "tuned"
         if shipped == "plain":
             resave(Path(src.file), tmp / OUT_FILE)
@@ -159,18 +160,14 @@ def set_scales(model, mats: dict, scales: dict[str, np.ndarray]) -> None:
             t.CopyFrom(numpy_helper.from_array(by_name[t.name].astype(np.float32).reshape(tuple(t.dims)), t.name))
 
 
-def check_files(teacher, ids: list[int], plain: Path, tuned: Path) -> dict | None:
+def check_files(target, ids: list[int], plain: Path, tuned: Path) -> dict | None:
     """KL(teacher || file) in onnxruntime on the set-aside train tokens, for the plain and tuned files."""
     if not ids:
         return None
     import os
-    import torch
     from ..evaluate.quality import kld
     from ..evaluate.runtimes import OnnxRuntime
-    from ..models import load_model
-    model = load_model(str(teacher.path))
-    with torch.inference_mode():
-        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1).numpy()
+    ref = qad.reference(target, ids)
     out = {"tokens": len(ids)}
     for key, path in (("plain_kld", plain), ("tuned_kld", tuned)):
         rt = OnnxRuntime(str(path), os.cpu_count() or 1, n_ctx=len(ids))
