@@ -15,8 +15,12 @@ KLD against tuning tokens. Prints a markdown table and writes --json.
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
+
+# bench/onnx.py would shadow the onnx package for a script run from this folder
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from compress import artifacts
 from compress.config import load_config
@@ -27,10 +31,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def score(cfg, art, work: Path, run: Path, threads: int) -> dict:
-    e = evaluate(cfg, art, work / f"eval-{art.name}", teacher=artifacts.load(run / "teacher"),
-                 data=artifacts.load(run / "data"), reference=artifacts.load(run / "reference"),
-                 ood=artifacts.load(run / "reference-ood") if (run / "reference-ood").is_dir() else None,
-                 threads=threads)
+    out = work / f"eval-{art.name}"
+    e = artifacts.load(out) if (out / "meta.json").is_file() else evaluate(
+        cfg, art, out, teacher=artifacts.load(run / "teacher"), data=artifacts.load(run / "data"),
+        reference=artifacts.load(run / "reference"),
+        ood=artifacts.load(run / "reference-ood") if (run / "reference-ood").is_dir() else None, threads=threads)
     q = e.meta["metrics"]["quality"]
     tasks = {k: (v.get("value"), v.get("stderr"), v.get("n")) for k, v in (q.get("tasks") or {}).items()}
     return {"mb": round(art.meta["size_bytes"] / 1e6, 2), "ppl": q["ppl"], "kld": q["kld"], "top1": q["top1"],

@@ -166,8 +166,8 @@ QAD_MODELS = ("teacher", "student")
 @dataclass
 class Qad:
     """Quantization-aware distillation: a low-bit file's block scales trained against the teacher."""
-    types: list = key([], "plain quantized types that get a tuned sibling named <artifact>-qad: GGUF types of "
-                          "quantize.gguf, int4 of quantize.onnx", choices=QAD_TYPES)
+    types: list = key([], "quantized types whose plain file gets a tuned sibling <artifact>-qad: GGUF types, "
+                          "int4 for ONNX (built for it when quantize.* does not list it)", choices=QAD_TYPES)
     of: list = key(["teacher", "student"], "whose files are tuned: the teacher's quants, the distilled "
                                            "student's, or both", choices=QAD_MODELS)
     tokens: int = key(8192, "training tokens (steps x batch x seq_len) from the train split, cycled when "

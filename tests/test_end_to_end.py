@@ -11,7 +11,8 @@ from conftest import SHARED
 TINY = ["gen.prompts=8", "gen.max_new_tokens=200", "student.layers=4", "distill.tokens=1024",
         "distill.seq_len=128", "distill.batch=2", "distill.checkpoint_every=2",
         "quantize.gguf=[Q8_0,Q4_K_M,auto]", "quantize.imatrix_tokens=512",
-        "eval.seqs=2", "eval.seq_len=64", "eval.prefill_tokens=32", "eval.decode_tokens=8", "eval.threads=1"]
+        "eval.seqs=2", "eval.seq_len=64", "eval.prefill_tokens=32", "eval.decode_tokens=8", "eval.threads=1",
+        "qad.tokens=1024", "qad.lr=0.003"]
 # The phone profile's benchmark task over the local copy (offline); without it, no tasks.
 TINY += ([f"eval.task_data={SHARED}", "eval.limit=8"] if (SHARED / "arc_easy").is_dir() else ["eval.tasks=[]"])
 
@@ -64,6 +65,13 @@ def test_run_writes_every_artifact_and_a_complete_report(phone_run):
     mix = json.loads((run / "teacher-gguf-auto" / "meta.json").read_text())["metrics"]
     assert len(set(mix["tensors"].values())) > 1 and mix["predicted_kld"] >= 0 and mix["measured_kld"] > 0
     assert arts["gguf-auto"]["size_mb"] <= 120
+    # the phone profile tunes the teacher's Q4_0 (a type quantize.gguf does not list: built for it)
+    plain, tuned = arts["teacher-gguf-Q4_0"], arts["teacher-gguf-Q4_0-qad"]
+    assert tuned["size_mb"] == plain["size_mb"] and tuned["quality"]["kld"] < plain["quality"]["kld"]
+    assert "gguf-Q4_0" not in arts and "gguf-Q4_0-qad" not in arts        # qad.of=[teacher]
+    qad_meta = json.loads((run / "teacher-gguf-Q4_0-qad" / "meta.json").read_text())["metrics"]
+    assert qad_meta["tokens"] == 1024 and qad_meta["shipped"] == "tuned" and qad_meta["seconds"] > 0
+    assert {r["name"]: r["recipe"] for r in report["compression"]}["teacher-gguf-Q4_0-qad"] == "teacher + GGUF Q4_0 + QAD"
     assert "recommended" in report
     cost = {r["name"]: r["cost"] for r in report["compression"]}["gguf-Q4_K_M"]   # what the recipe took
     assert {"teacher", "data", "student", "distill", "export", "imatrix", "quantize"} == set(cost["stages"])
@@ -109,12 +117,12 @@ def test_every_key_redoes_exactly_the_stages_that_read_it(phone_run):
 
 def test_changed_quant_list_only_adds_the_new_artifact(phone_run):
     cwd, _, _ = phone_run
-    args = [a for a in TINY if not a.startswith("quantize.gguf")] + ["quantize.gguf=[Q8_0,Q4_K_M,auto,Q4_0]"]
+    args = [a for a in TINY if not a.startswith("quantize.gguf")] + ["quantize.gguf=[Q8_0,Q4_K_M,auto,Q4_1]"]
     proc = compress("run", "profile=phone", "name=tiny", *args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     made = [l.split()[2] for l in proc.stderr.splitlines() if l.startswith("▶")]
-    assert made == ["gguf-Q4_0", "teacher-gguf-Q4_0", "eval-gguf-Q4_0", "eval-teacher-gguf-Q4_0",
-                    "samples-gguf-Q4_0", "samples-teacher-gguf-Q4_0"], made
+    assert made == ["gguf-Q4_1", "teacher-gguf-Q4_1", "eval-gguf-Q4_1", "eval-teacher-gguf-Q4_1",
+                    "samples-gguf-Q4_1", "samples-teacher-gguf-Q4_1"], made
 
 
 def test_compare_two_runs(phone_run, tmp_path):

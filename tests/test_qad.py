@@ -201,6 +201,17 @@ def test_refusals_are_one_line(tuned):
     f16 = artifacts.load(work / "teacher-gguf-F16")
     with pytest.raises(UserError, match="starts from a file of llama.cpp's quantizer; teacher-gguf-F16 is F16"):
         qad.run(cfg, f16, work / "x-qad", hf=teacher, teacher=teacher, data=data)
+    with pytest.raises(UserError, match="is already quantized"):
+        qad.run(cfg, plain, work / "x-qad", hf=plain, teacher=teacher, data=data)
+    from compress.quantize import gguf as quantize_gguf
+    q2 = quantize_gguf.run(cfg, f16, work / "teacher-gguf-Q2_K", qtype="Q2_K",
+                           imatrix=artifacts.load(work / "teacher-imatrix"))
+    assert not set(q2.meta["metrics"]["tensor_types"]) & set(blocks.TUNABLE) - {"Q8_0"}
+    with pytest.raises(UserError, match="holds no tensor of a type qad can tune"):
+        qad.run(cfg, q2, work / "x-qad", hf=teacher, teacher=teacher, data=data)
+    cfg0 = load_config([f"out={work}", "name=r", *TINY_QAD, "qad.tokens=16"])
+    with pytest.raises(UserError, match=r"qad.tokens=16 is less than one sequence of qad.seq_len=64"):
+        qad.run(cfg0, plain, work / "x-qad", hf=teacher, teacher=teacher, data=data)
     with pytest.raises(UserError, match="add export.onnx=fp32 or drop int4 from qad.types"):
         load_config(["qad.types=[int4]"])
     with pytest.raises(UserError, match="set export.gguf=F16 or drop Q4_0"):
@@ -286,3 +297,18 @@ def test_onnxruntime_runs_the_tuned_file_as_the_torch_model_computes_it_and_it_l
     ref = torch_logprobs(load_model(str(teacher.path)), ids)
     before, after = kld(ref, ort_logprobs(plain.file, ids)), kld(ref, ort_logprobs(art.file, ids))
     assert after < 0.8 * before, (before, after)
+
+
+# ---------------------------------------------------------------- in the pipeline
+
+def test_profiles_plan_the_tuned_siblings_beside_their_plain_files(tmp_path):
+    from compress.pipeline import plan
+    names = [s.name for s in plan(load_config([f"out={tmp_path}", "name=r", "profile=phone"]))]
+    assert {"teacher-gguf-Q4_0", "teacher-gguf-Q4_0-qad", "eval-teacher-gguf-Q4_0-qad"} <= set(names)
+    assert "gguf-Q4_0" not in names          # qad.of=[teacher]: the student's Q4_0 is not built for it
+    steps = plan(load_config([f"out={tmp_path}", "name=r", "profile=browser", "qad.of=[teacher,student]"]))
+    names = [s.name for s in steps]
+    assert {"teacher-onnx-int4-qad", "onnx-int4-qad"} <= set(names)
+    browser = next(s for s in steps if s.name == "browser")
+    # the tuned INT4 is the layout's model_q4.onnx in place of the plain one
+    assert "onnx-int4-qad" in browser.parents and "onnx-int4" not in browser.parents

@@ -45,6 +45,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
         raise UserError(f"quantization-aware distillation starts from a file of llama.cpp's quantizer; "
                         f"{src.name} is {qtype or 'not quantized'}")
     check_budget(cfg.qad)
+    check_source(hf)
     model = load_model(str(hf.path))
     stored = tensors_of(src.file)
     plan = match(model, stored)
@@ -65,7 +66,8 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
         trained = {g: gguf_blocks(blocks[g], layers[n], perms.get(n)) for n, g in tunable.items()}
         write(Path(src.file), tmp / OUT_FILE, trained)
         checked = check_files(target, check, Path(src.file), tmp / OUT_FILE)
-        if checked and checked["tuned_kld"] > checked["plain_kld"]:
+        shipped = "plain" if checked and checked["tuned_kld"] > checked["plain_kld"] else "tuned"
+        if shipped == "plain":
             shutil.copyfile(src.file, tmp / OUT_FILE)
         quantize_gguf.modelfile(src, tmp)
         kept = {g: stored[g].type for g in plan.values() if g not in blocks}
@@ -74,10 +76,24 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
             "plain": src.name, "qtype": qtype, **budget_of(cfg.qad, history, seqs),
             "tuned_tensors": len(tunable), "tuned_types": sorted({stored[g].type for g in tunable.values()}),
             "kept_tensors": kept, "kept_types": sorted(set(kept.values())), "check": checked,
-            "shipped": "plain" if checked and checked["tuned_kld"] > checked["plain_kld"] else "tuned",
-            "tensor_types": src.meta.get("metrics", {}).get("tensor_types")}
-    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+            "shipped": shipped, "device": history["device"], "tensor_types": src.meta.get("metrics", {}).get("tensor_types")}
+    drop_checkpoints(out)
     return artifacts.load(out)
+
+
+def drop_checkpoints(out: Path) -> None:
+    """The artifact now holds the result: its checkpoints go, and the folder when it is empty."""
+    ckpt = checkpoint_dir(out)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    if ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
+        ckpt.parent.rmdir()
+
+
+def check_source(hf) -> None:
+    """The weights a quantized file was made from: an unquantized HF model."""
+    if hf.meta.get("format") != "hf" or hf.meta.get("stage") == "quantize":
+        raise UserError(f"quantization-aware distillation tunes a file against the unquantized model it was made "
+                        f"from; {hf.name} is already quantized ({hf.meta.get('quant')}): give the HF model")
 
 
 def check_budget(q) -> None:
@@ -92,16 +108,24 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def train(cfg, model, target, seqs, out: Path) -> dict:
-    """Tune `model`'s Blockwise layers against the teacher model `target` (tune.py)."""
+    """Tune `model`'s Blockwise layers against the teacher model `target` (tune.py), on CUDA when
+    there is one; both models are back on the CPU afterwards."""
+    import torch
     from .tune import tune
     q = cfg.qad
     steps = max(1, q.tokens // (q.seq_len * q.batch))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
 
     def log(step, total, loss):
         if step == 1 or step % 10 == 0 or step == total:
             print(f"  qad step {step}/{total}  KL {loss:.4f}  {time.time() - t0:.0f} s", flush=True)
-    return tune(model, target, seqs, steps, q.lr, checkpoint_dir(out), q.checkpoint_every, batch=q.batch, log=log)
+    try:
+        history = tune(model.to(device), target.to(device), seqs, steps, q.lr, checkpoint_dir(out),
+                       q.checkpoint_every, batch=q.batch, log=log)
+    finally:
+        model.cpu(), target.cpu()
+    return history | {"device": device}
 
 
 def budget_of(q, history: dict, seqs) -> dict:

@@ -39,6 +39,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
         raise UserError(f"ONNX quantization-aware distillation starts from a quantize.onnx=int4 file; "
                         f"{src.name} is {src.meta.get('quant') or 'not quantized'}")
     qad.check_budget(cfg.qad)
+    qad.check_source(hf)
     model = load_model(str(hf.path))
     graph = onnx.load(str(src.file), load_external_data=True)
     mats = matmuls(graph)
@@ -72,8 +73,8 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
                            "plain": src.name, "qtype": "int4", **qad.budget_of(cfg.qad, history, seqs),
                            "tuned_tensors": len(plan), "tuned_types": ["int4"],
                            "kept_tensors": {n: f"int{m['bits']}" for n, m in mats.items() if n not in plan},
-                           "check": checked, "shipped": shipped}
-    shutil.rmtree(qad.checkpoint_dir(out), ignore_errors=True)
+                           "check": checked, "shipped": shipped, "device": history["device"]}
+    qad.drop_checkpoints(out)
     return artifacts.load(out)
 
 

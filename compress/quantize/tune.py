@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 
+CACHE_BYTES = 4e9   # the teacher's logits kept for reuse across epochs, at most
+
 
 class Blockwise(torch.nn.Module):
     """A linear layer y = x W^T + b whose weight W [out, in] is held as blocks of `in / blocks` columns:
@@ -89,6 +91,7 @@ def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Pa
     # linear decay to zero: the last steps settle the scales instead of moving them
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1 - i / max(steps, 1)))
     start, history = _load(ckpt_dir, model, opt, sched)
+    seqs = seqs.to(next(model.parameters()).device)
     teacher_logits = _teacher_cache(teacher, seqs)
     model.train(False)   # no dropout: the codes are fixed, only the scales learn
     t0 = time.time() - history.get("seconds", 0.0)
@@ -116,19 +119,29 @@ def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Pa
     return history | {"steps": max(step + 1, start)}
 
 
-def _teacher_cache(teacher, seqs: torch.Tensor):
-    """rows -> the teacher's logits for those sequences, each computed once: the teacher runs one
-    forward per sequence however many epochs the steps take. Kept as float16 logits minus their
-    maximum: exact to 1e-3 where the probability mass is, half the memory of float32."""
+def _teacher_cache(teacher, seqs: torch.Tensor, budget: float = CACHE_BYTES):
+    """rows -> the teacher's logits for those sequences, each computed once when they all fit in
+    `budget` bytes (the steps then cycle over cached sequences), else every time. Kept as float16
+    logits minus their maximum: exact to 1e-3 where the probability mass is, half of float32."""
     cache: dict[int, torch.Tensor] = {}
+    keep = seqs.numel() * teacher.config.vocab_size * 2 <= budget
+
+    def run(r: int) -> torch.Tensor:
+        with torch.inference_mode():
+            z = teacher(seqs[r:r + 1]).logits[0].float()
+        return (z - z.amax(-1, keepdim=True)).half()
 
     def logits(rows: torch.Tensor) -> torch.Tensor:
+        out = []
         for r in rows.tolist():
             if r not in cache:
-                with torch.inference_mode():
-                    z = teacher(seqs[r:r + 1]).logits[0].float()
-                    cache[r] = (z - z.amax(-1, keepdim=True)).half()
-        return torch.stack([cache[r] for r in rows.tolist()]).float()
+                z = run(r)
+                if not keep:
+                    out.append(z)
+                    continue
+                cache[r] = z
+            out.append(cache[r])
+        return torch.stack(out).float()
     return logits
 
 
