@@ -170,7 +170,7 @@ class Qad:
                           "int4 for ONNX (built for it when quantize.* does not list it)", choices=QAD_TYPES)
     of: list = key(["teacher", "student"], "whose files are tuned: the teacher's quants, the distilled "
                                            "student's, or both", choices=QAD_MODELS)
-    tokens: int = key(8192, "training tokens (steps x batch x seq_len) from the train split, cycled when "
+    tokens: int = key(16384, "training tokens (steps x batch x seq_len) from the train split, cycled when "
                              "it is shorter", ge=1)
     seq_len: int = key(256, "tokens per training sequence", ge=8)
     batch: int = key(1, "sequences per step", ge=1)

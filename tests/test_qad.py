@@ -196,19 +196,21 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbroken_
             assert torch.allclose(p, q, atol=1e-6), name
 
 
-def test_refusals_are_one_line(tuned):
+def test_refusals_are_one_line(tuned, tokenizer):
     cfg, work, teacher, data, plain, _ = tuned
     f16 = artifacts.load(work / "teacher-gguf-F16")
     with pytest.raises(UserError, match="starts from a file of llama.cpp's quantizer; teacher-gguf-F16 is F16"):
         qad.run(cfg, f16, work / "x-qad", hf=teacher, teacher=teacher, data=data)
     with pytest.raises(UserError, match="is already quantized"):
         qad.run(cfg, plain, work / "x-qad", hf=plain, teacher=teacher, data=data)
+    # widths that take K-quants: every matrix of a Q4_K_S file is a K-quant, which has no tuner yet
+    from compress.export import gguf as export_gguf
     from compress.quantize import gguf as quantize_gguf
-    q2 = quantize_gguf.run(cfg, f16, work / "teacher-gguf-Q2_K", qtype="Q2_K",
-                           imatrix=artifacts.load(work / "teacher-imatrix"))
-    assert not set(q2.meta["metrics"]["tensor_types"]) & set(blocks.TUNABLE) - {"Q8_0"}
+    wide = save_hf_artifact(make_tiny(tokenizer, hidden=256, intermediate=512, layers=1), tokenizer, work / "wide")
+    k = quantize_gguf.run(cfg, export_gguf.run(cfg, wide, work / "wide-F16"), work / "wide-Q4_K_S", qtype="Q4_K_S")
+    assert not set(k.meta["metrics"]["tensor_types"]) & {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}
     with pytest.raises(UserError, match="holds no tensor of a type qad can tune"):
-        qad.run(cfg, q2, work / "x-qad", hf=teacher, teacher=teacher, data=data)
+        qad.run(cfg, k, work / "x-qad", hf=wide, teacher=wide, data=data)
     cfg0 = load_config([f"out={work}", "name=r", *TINY_QAD, "qad.tokens=16"])
     with pytest.raises(UserError, match=r"qad.tokens=16 is less than one sequence of qad.seq_len=64"):
         qad.run(cfg0, plain, work / "x-qad", hf=teacher, teacher=teacher, data=data)
