@@ -41,8 +41,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
     qad.check_budget(cfg.qad)
     qad.check_source(hf)
     model = load_model(str(hf.path))
-    graph = onnx.load(str(src.file), load_external_data=True)
-    mats = matmuls(graph)
+    mats = matmuls(onnx.load(str(src.file), load_external_data=True))
     plan = {name: hf_modules(model, name, m["N"]) for name, m in mats.items()
             if m["bits"] == 4 and name != "lm_head"}
     load_fixed(model, mats)
@@ -63,7 +62,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
         for f in Path(src.path).iterdir():      # config, tokenizer, genai_config: as the plain artifact's
             if f.is_file() and f.name not in (OUT_FILE, OUT_FILE + "_data", artifacts.META):
                 shutil.copy2(f, tmp / f.name)
-        resave(Path(src.file), tmp / OUT_FILE, edit=lambda g: set_scales(g, mats, scales))
+        resave(Path(src.file), tmp / OUT_FILE, edit=lambda proto: set_scales(proto, mats, scales))
         checked = check_files(target, check, Path(src.file), tmp / OUT_FILE)
         shipped = "plain" if checked and checked["tuned_kld"] > checked["plain_kld"] else "tuned"
         if shipped == "plain":
@@ -158,7 +157,8 @@ def set_scales(model, mats: dict, scales: dict[str, np.ndarray]) -> None:
     by_name = {mats[n]["scales"]: s for n, s in scales.items()}
     for t in model.graph.initializer:
         if t.name in by_name:
-            t.CopyFrom(numpy_helper.from_array(by_name[t.name].astype(np.float32).reshape(tuple(t.dims)), t.name))
+            dtype = numpy_helper.to_array(t).dtype     # float32 on CPU builds, float16 where the builder chose it
+            t.CopyFrom(numpy_helper.from_array(by_name[t.name].astype(dtype).reshape(tuple(t.dims)), t.name))
 
 
 def check_files(target, ids: list[int], plain: Path, tuned: Path) -> dict | None:
