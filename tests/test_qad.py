@@ -196,6 +196,42 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbroken_
             assert torch.allclose(p, q, atol=1e-6), name
 
 
+def test_a_sigkilled_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_does(tuned, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    cfg, work, teacher, data, plain, art = tuned
+    out = tmp_path / "teacher-gguf-Q4_0-qad"
+    args = [f"out={tmp_path}", "name=r", *TINY_QAD]
+    script = (
+        "from compress import artifacts\n"
+        "from compress.config import load_config\n"
+        "from compress.quantize import qad\n"
+        f"a = lambda n: artifacts.load({str(work)!r} + '/' + n)\n"
+        f"qad.run(load_config({args!r}), a('teacher-gguf-Q4_0'), {str(out)!r}, hf=a('teacher'), "
+        "teacher=a('teacher'), data=a('data'))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, ckpt = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None and ckpt is None:
+        found = list((tmp_path / "checkpoints").glob("*/checkpoint.pt"))
+        ckpt = found[0] if found and torch.load(found[0], weights_only=True)["step"] >= 8 else None
+        time.sleep(0.05)
+    assert ckpt is not None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 8 <= step < 64 and not out.exists()        # killed mid-tuning: nothing that looks finished
+    resumed = qad.run(load_config(args), plain, out, hf=teacher, teacher=teacher, data=data)
+    m = resumed.meta["metrics"]
+    assert m["steps"] == 64 and m["tokens"] == 8192 and not ckpt.parent.exists()
+    a, b = tensors_of(art.file), tensors_of(resumed.file)
+    for name, t in a.items():
+        if t.type in blocks.TUNABLE and name != "token_embd.weight":
+            da, db = blocks.unpack(t.data, t.type, t.cols).d, blocks.unpack(b[name].data, t.type, t.cols).d
+            assert np.allclose(da, db, rtol=2e-3, atol=0), name
+
+
 def test_refusals_are_one_line(tuned, tokenizer):
     cfg, work, teacher, data, plain, _ = tuned
     f16 = artifacts.load(work / "teacher-gguf-F16")
@@ -314,3 +350,18 @@ def test_profiles_plan_the_tuned_siblings_beside_their_plain_files(tmp_path):
     browser = next(s for s in steps if s.name == "browser")
     # the tuned INT4 is the layout's model_q4.onnx in place of the plain one
     assert "onnx-int4-qad" in browser.parents and "onnx-int4" not in browser.parents
+
+
+def test_ort_genai_runs_the_tuned_directory_as_onnxruntime_does(tuned_onnx, tokenizer):
+    og = pytest.importorskip("onnxruntime_genai")
+    _, data, _, art = tuned_onnx
+    ids = heldout_ids(tokenizer, data, 24)
+    model = og.Model(str(art.path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    logits = np.asarray(gen.get_logits()).reshape(-1)          # the next token's, after the prompt
+    want = ort_logprobs(art.file, ids)[-1]
+    got = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    assert np.abs(got - want).max() < 1e-3
