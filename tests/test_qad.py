@@ -138,7 +138,7 @@ def test_llama_cpp_runs_the_tuned_file_as_the_torch_model_computes_it(tuned, tok
     # llama.cpp rounds activations to 8 bits before a Q4_0 product: that is the runtime's tolerance,
     # the same for the plain file, and far below what tuning changed.
     tolerance = kld(torch_logprobs(file_model(teacher, plain.file), ids), llama_logprobs(plain.file, ids))
-    assert kld(want, got) < max(2 * tolerance, 1e-5)
+    assert kld(want, got) < max(2 * tolerance, 1e-5) and kld(want, got) < 1e-3
     assert kld(want, got) < 0.1 * kld(llama_logprobs(plain.file, ids), got)
     decided = np.sort(want, -1)[:, -1] - np.sort(want, -1)[:, -2] > 0.05   # no near-tie at the top
     assert (got.argmax(-1) == want.argmax(-1))[decided].all()
@@ -211,13 +211,14 @@ def test_a_sigkilled_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbrok
         f"a = lambda n: artifacts.load({str(work)!r} + '/' + n)\n"
         f"qad.run(load_config({args!r}), a('teacher-gguf-Q4_0'), {str(out)!r}, hf=a('teacher'), "
         "teacher=a('teacher'), data=a('data'))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=log)
     deadline, ckpt = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None and ckpt is None:
         found = list((tmp_path / "checkpoints").glob("*/checkpoint.pt"))
         ckpt = found[0] if found and torch.load(found[0], weights_only=True)["step"] >= 8 else None
         time.sleep(0.05)
-    assert ckpt is not None, proc.stderr.read().decode()[-2000:]
+    assert ckpt is not None, (tmp_path / "killed.log").read_text()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = torch.load(ckpt, weights_only=True)["step"]
@@ -237,8 +238,11 @@ def test_refusals_are_one_line(tuned, tokenizer):
     f16 = artifacts.load(work / "teacher-gguf-F16")
     with pytest.raises(UserError, match="starts from a file of llama.cpp's quantizer; teacher-gguf-F16 is F16"):
         qad.run(cfg, f16, work / "x-qad", hf=teacher, teacher=teacher, data=data)
-    with pytest.raises(UserError, match="is already quantized"):
+    with pytest.raises(UserError, match="teacher-gguf-Q4_0 is a gguf file, not an HF model"):
         qad.run(cfg, plain, work / "x-qad", hf=plain, teacher=teacher, data=data)
+    bnb_like = artifacts.Artifact(teacher.path, {**teacher.meta, "stage": "quantize", "quant": "int8"})
+    with pytest.raises(UserError, match=r"is already quantized \(int8\): give the HF model"):
+        qad.run(cfg, plain, work / "x-qad", hf=bnb_like, teacher=teacher, data=data)
     # widths that take K-quants: every matrix of a Q4_K_S file is a K-quant, which has no tuner yet
     from compress.export import gguf as export_gguf
     from compress.quantize import gguf as quantize_gguf
@@ -248,7 +252,7 @@ def test_refusals_are_one_line(tuned, tokenizer):
     with pytest.raises(UserError, match="holds no tensor of a type qad can tune"):
         qad.run(cfg, k, work / "x-qad", hf=wide, teacher=wide, data=data)
     cfg0 = load_config([f"out={work}", "name=r", *TINY_QAD, "qad.tokens=16"])
-    with pytest.raises(UserError, match=r"qad.tokens=16 is less than one sequence of qad.seq_len=64"):
+    with pytest.raises(UserError, match=r"qad.tokens=16 is less than one step of qad.seq_len x qad.batch = 128"):
         qad.run(cfg0, plain, work / "x-qad", hf=teacher, teacher=teacher, data=data)
     with pytest.raises(UserError, match="add export.onnx=fp32 or drop int4 from qad.types"):
         load_config(["qad.types=[int4]"])
@@ -256,6 +260,10 @@ def test_refusals_are_one_line(tuned, tokenizer):
         load_config(["qad.types=[Q4_0]", "export.gguf=null", "quantize.gguf=[]"])
     with pytest.raises(UserError, match="qad.tokens"):
         load_config(["qad.tokens=0"])
+    with pytest.raises(UserError, match="give qad.tokens>=256"):
+        load_config(["qad.types=[Q4_0]", "qad.tokens=100"])
+    with pytest.raises(UserError, match="quantize.teacher=false does not build"):
+        load_config(["qad.types=[Q4_0]", "qad.of=[teacher]", "quantize.teacher=false"])
     with pytest.raises(UserError, match="qad.types"):
         load_config(["qad.types=[Q4_9]"])
     assert not (work / "x-qad").exists()
@@ -330,7 +338,7 @@ def test_onnxruntime_runs_the_tuned_file_as_the_torch_model_computes_it_and_it_l
     got = ort_logprobs(art.file, ids)
     want = torch_logprobs(onnx_file_model(teacher, art.file), ids)
     tolerance = kld(torch_logprobs(onnx_file_model(teacher, plain.file), ids), ort_logprobs(plain.file, ids))
-    assert kld(want, got) < max(2 * tolerance, 1e-5)
+    assert kld(want, got) < max(2 * tolerance, 1e-5) and kld(want, got) < 1e-3
     ids = heldout_ids(tokenizer, data)
     ref = torch_logprobs(load_model(str(teacher.path)), ids)
     before, after = kld(ref, ort_logprobs(plain.file, ids)), kld(ref, ort_logprobs(art.file, ids))

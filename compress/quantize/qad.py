@@ -34,7 +34,11 @@ OUT_FILE = "model.gguf"
 CHECK = 512     # train tokens set aside to decide tuned vs plain in llama.cpp
 
 
-@stage("qad", inputs=("hf", "teacher", "data"), reads=("qad",), format="gguf")
+# What a tuned file is made of; qad.types and qad.of only decide which files the pipeline tunes.
+READS = ("qad.tokens", "qad.seq_len", "qad.batch", "qad.lr", "qad.checkpoint_every")
+
+
+@stage("qad", inputs=("hf", "teacher", "data"), reads=READS, format="gguf")
 def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
     """Plain quantized GGUF artifact `src` (made from HF artifact `hf`) -> tuned GGUF at `out`."""
     from ..models import load_model, load_tokenizer
@@ -91,15 +95,19 @@ def drop_checkpoints(out: Path) -> None:
 
 def check_source(hf) -> None:
     """The weights a quantized file was made from: an unquantized HF model."""
-    if hf.meta.get("format") != "hf" or hf.meta.get("stage") == "quantize":
+    if hf.meta.get("format") != "hf":
+        raise UserError(f"quantization-aware distillation tunes a file against the HF model it was made from; "
+                        f"{hf.name} is a {hf.meta.get('format')} file, not an HF model")
+    if hf.meta.get("stage") == "quantize":
         raise UserError(f"quantization-aware distillation tunes a file against the unquantized model it was made "
                         f"from; {hf.name} is already quantized ({hf.meta.get('quant')}): give the HF model")
 
 
 def check_budget(q) -> None:
-    if q.tokens < q.seq_len:
-        raise UserError(f"qad.tokens={q.tokens} is less than one sequence of qad.seq_len={q.seq_len}; "
-                        f"give qad.tokens>={q.seq_len}")
+    """The same rule config.check_qad applies, for a stage called directly."""
+    if q.tokens < q.seq_len * q.batch:
+        raise UserError(f"qad.tokens={q.tokens} is less than one step of qad.seq_len x qad.batch = "
+                        f"{q.seq_len * q.batch} tokens; give qad.tokens>={q.seq_len * q.batch}")
 
 
 def checkpoint_dir(out: Path) -> Path:

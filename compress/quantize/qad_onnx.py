@@ -27,7 +27,7 @@ from . import qad
 OUT_FILE = "model.onnx"
 
 
-@stage("qad", inputs=("hf", "teacher", "data"), reads=("qad",), format="onnx")
+@stage("qad", inputs=("hf", "teacher", "data"), reads=qad.READS, format="onnx")
 def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
     """Plain INT4 ONNX artifact `src` (made from HF artifact `hf`) -> tuned INT4 ONNX at `out`."""
     import onnx

@@ -45,7 +45,9 @@ class Blockwise(torch.nn.Module):
         m = self.m0 + self.d0 * self.shift if self.shift is not None else None
         return d, m
 
+    @property
     def weight(self) -> torch.Tensor:
+        """W [out, in] as the file stores it (a property, as nn.Linear's is: HF code reads .weight)."""
         d, m = self.stored()
         w = d[..., None] * self.q
         if m is not None:
@@ -53,7 +55,7 @@ class Blockwise(torch.nn.Module):
         return w.reshape(w.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight(), self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def attach(model, blocks: dict[str, tuple]) -> dict[str, Blockwise]:
@@ -91,8 +93,10 @@ def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Pa
     # linear decay to zero: the last steps settle the scales instead of moving them
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1 - i / max(steps, 1)))
     start, history = _load(ckpt_dir, model, opt, sched)
+    if start >= steps:   # killed after the last checkpoint, while the file was written or checked
+        return history | {"steps": steps, "stopped_early": False}
     seqs = seqs.to(next(model.parameters()).device)
-    teacher_logits = _teacher_cache(teacher, seqs)
+    teacher_logits = _teacher_cache(teacher, seqs, repeats=steps * batch > len(seqs))
     model.train(False)   # no dropout: the codes are fixed, only the scales learn
     t0 = time.time() - history.get("seconds", 0.0)
     step = start
@@ -119,12 +123,12 @@ def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Pa
     return history | {"steps": max(step + 1, start)}
 
 
-def _teacher_cache(teacher, seqs: torch.Tensor, budget: float = CACHE_BYTES):
-    """rows -> the teacher's logits for those sequences, each computed once when they all fit in
-    `budget` bytes (the steps then cycle over cached sequences), else every time. Kept as float16
+def _teacher_cache(teacher, seqs: torch.Tensor, repeats: bool, budget: float = CACHE_BYTES):
+    """rows -> the teacher's logits for those sequences, each computed once when the steps cycle
+    over them (`repeats`) and they all fit in `budget` bytes, else every time. Kept as float16
     logits minus their maximum: exact to 1e-3 where the probability mass is, half of float32."""
     cache: dict[int, torch.Tensor] = {}
-    keep = seqs.numel() * teacher.config.vocab_size * 2 <= budget
+    keep = repeats and seqs.numel() * teacher.config.vocab_size * 2 <= budget
 
     def run(r: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -162,7 +166,7 @@ def _load(ckpt_dir: Path, model, opt, sched) -> tuple[int, dict]:
     if not path.is_file():
         return 0, {"loss": [], "seconds": 0.0}
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")   # copy_ puts it on the model's device
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart tuning") from None
     named = dict(model.named_parameters())
