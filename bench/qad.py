@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 # bench/onnx.py would shadow the onnx package for a script run from this folder
@@ -101,12 +100,11 @@ def main():
             continue
         for qtype in args.types.split(","):
             plain = plain_file(cfg, run, work, source, qtype)
-            t0 = time.time()
             tuned = tune(cfg, run, work, source, plain)
             m = tuned.meta["metrics"]
             row = {"model": source, "type": qtype, "plain": score(cfg, plain, work, run, threads),
                    "tuned": score(cfg, tuned, work, run, threads), "tokens": m["tokens"], "seconds": m["seconds"],
-                   "ms_per_token": m["ms_per_token"], "stage_s": round(time.time() - t0, 1),
+                   "ms_per_token": m["ms_per_token"], "stage_s": tuned.meta["cost"]["wall_s"],
                    "shipped": m["shipped"], "kept": m.get("kept_types"), "check": m.get("check")}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -114,11 +112,11 @@ def main():
     if args.curve:
         qtype = args.types.split(",")[0]
         plain = plain_file(cfg, run, work, "teacher", qtype)
-        nocfg = load_config([*base[:-3], "eval.tasks=[]", "eval.memory=false"] + [f"qad.tokens={args.tokens}"])
+        curve_base = base[:4] + ["eval.tasks=[]", "eval.memory=false"]   # KLD only: no tasks
         for n in map(int, args.curve.split(",")):
-            c = load_config([*base[:-3], "eval.tasks=[]", "eval.memory=false", f"qad.tokens={n}"])
+            c = load_config(curve_base + [f"qad.tokens={n}"])
             tuned = tune(c, run, work, "teacher", plain, tag=f"-{n}")
-            s = score(nocfg, tuned, work / f"curve-{n}", run, threads)
+            s = score(c, tuned, work / f"curve-{n}", run, threads)
             curve.append({"tokens": n, "kld": s["kld"], "ood_kld": s["ood_kld"], "top1": s["top1"],
                           "seconds": tuned.meta["metrics"]["seconds"]})
             print(json.dumps(curve[-1]), flush=True)

@@ -415,12 +415,17 @@ def check_qad(cfg: RunConfig) -> None:
     if len(set(cfg.qad.types)) < len(cfg.qad.types):
         raise UserError(f"qad.types={list(cfg.qad.types)} lists a type twice; list each once")
     q = cfg.qad
-    if q.types and q.tokens < q.seq_len * q.batch:
-        raise UserError(f"qad.tokens={q.tokens} is less than one step of qad.seq_len x qad.batch = "
-                        f"{q.seq_len * q.batch} tokens; give qad.tokens>={q.seq_len * q.batch}")
+    if q.types:
+        check_qad_budget(q)
     if q.types and not cfg.quantize.teacher and list(q.of) == ["teacher"]:
         raise UserError("qad.of=[teacher] tunes the teacher's quantized files, which quantize.teacher=false "
                         "does not build; set quantize.teacher=true or qad.of=[student]")
+
+
+def check_qad_budget(q: Qad) -> None:
+    if q.tokens < q.seq_len * q.batch:
+        raise UserError(f"qad.tokens={q.tokens} is less than one step of qad.seq_len x qad.batch = "
+                        f"{q.seq_len * q.batch} tokens; give qad.tokens>={q.seq_len * q.batch}")
 
 
 def plain_types(cfg: RunConfig, fmt: str, model: str) -> list:

@@ -104,12 +104,8 @@ def torch_logprobs(model, ids):
 
 
 def llama_logprobs(path, ids):
-    from compress.evaluate.runtimes import LlamaCppRuntime
-    rt = LlamaCppRuntime(str(path), 2, n_ctx=len(ids))
-    try:
-        return rt.logprobs(ids)
-    finally:
-        rt.close()
+    from compress.quantize.mix import logprobs
+    return logprobs(path, ids)
 
 
 def test_the_tuned_file_is_the_plain_one_with_new_scales(tuned):
@@ -166,14 +162,7 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbroken_
 
     def trainable():
         model = load_model(str(teacher.path))
-        stored = tensors_of(plain.file)
-        plan = qad.match(model, stored)
-        todo = {n: g for n, g in plan.items() if qad.is_linear(model, n)}
-        perms = qad.row_orders(model.config, plan)
-        from compress.quantize.tune import attach
-        qad.load_fixed(model, stored, plan, perms, skip=set(todo))
-        attach(model, {n: qad.hf_rows(blocks.unpack(np.asarray(stored[g].data), stored[g].type, stored[g].cols),
-                                      perms.get(n)) for n, g in todo.items()})
+        qad.file_model(model, tensors_of(plain.file))
         return model
 
     whole = trainable()
@@ -291,26 +280,16 @@ def onnx_file_model(hf, path):
     from compress.quantize import qad_onnx
     model = load_model(str(hf.path))
     mats = qad_onnx.matmuls(onnx.load(str(path), load_external_data=True))
-    for name, m in mats.items():
-        if name == "lm_head":
-            continue
-        q, d = qad_onnx.codes(m)
-        w = torch.from_numpy((q * d[..., None]).reshape(m["N"], m["K"]))
-        at = 0
-        for mod, rows in qad_onnx.hf_modules(model, name, m["N"]):
-            model.get_submodule(mod).weight.data.copy_(w[at:at + rows])
-            at += rows
+    plan = {name: qad_onnx.hf_modules(model, name, m["N"]) for name, m in mats.items() if name != "lm_head"}
+    for mod, (q, d, _) in qad_onnx.module_blocks(mats, plan).items():
+        model.get_submodule(mod).weight.data.copy_(torch.from_numpy((q * d[..., None]).reshape(q.shape[0], -1)))
     qad_onnx.load_fixed(model, mats)
     return model
 
 
 def ort_logprobs(path, ids):
-    from compress.evaluate.runtimes import OnnxRuntime
-    rt = OnnxRuntime(str(path), 2, n_ctx=len(ids))
-    try:
-        return rt.logprobs(ids)
-    finally:
-        rt.close()
+    from compress.quantize.qad_onnx import logprobs
+    return logprobs(path, ids)
 
 
 def test_the_tuned_onnx_keeps_codes_and_zero_points_and_holds_the_trained_scales(tuned_onnx):

@@ -41,35 +41,27 @@ READS = ("qad.tokens", "qad.seq_len", "qad.batch", "qad.lr", "qad.checkpoint_eve
 @stage("qad", inputs=("hf", "teacher", "data"), reads=READS, format="gguf")
 def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
     """Plain quantized GGUF artifact `src` (made from HF artifact `hf`) -> tuned GGUF at `out`."""
-    from ..models import load_model, load_tokenizer
+    from ..models import load_tokenizer
     from . import gguf as quantize_gguf
-    from .tune import attach
+    from .mix import logprobs
     qtype = src.meta.get("quant")
     if qtype not in GGUF_QUANT or src.meta.get("stage") != "quantize":
         raise UserError(f"quantization-aware distillation starts from a file of llama.cpp's quantizer; "
                         f"{src.name} is {qtype or 'not quantized'}")
     check_budget(cfg.qad)
     check_source(hf)
-    model = load_model(str(hf.path))
+    target, model = models_of(hf, teacher)
     stored = tensors_of(src.file)
-    plan = match(model, stored)
-    # Matrices that multiply (not the embedding table, which is looked up) of a type with a tuner.
-    tunable = {n: g for n, g in plan.items() if stored[g].type in TUNABLE and is_linear(model, n)}
+    plan, tunable, perms, blocks, layers = file_model(model, stored)
     if not tunable:
         raise UserError(f"{src.name} holds no tensor of a type qad can tune ({', '.join(TUNABLE)}); "
                         f"tune Q4_0, Q4_1, Q5_0 or Q8_0 files")
-    perms = row_orders(model.config, plan)
-    blocks = {g: unpack(np.asarray(stored[g].data), stored[g].type, stored[g].cols) for g in tunable.values()}
-    load_fixed(model, stored, plan, perms, skip=set(tunable))
-    layers = attach(model, {n: hf_rows(blocks[g], perms.get(n)) for n, g in tunable.items()})
-    tok = load_tokenizer(str(hf.path))
-    seqs, check = train_tokens(tok, data, cfg.qad.tokens, cfg.qad.seq_len)
-    target = load_model(str(teacher.path))
+    seqs, check = train_tokens(load_tokenizer(str(hf.path)), data, cfg.qad.tokens, cfg.qad.seq_len)
     with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
         history = train(cfg, model, target, seqs, out)
         trained = {g: gguf_blocks(blocks[g], layers[n], perms.get(n)) for n, g in tunable.items()}
         write(Path(src.file), tmp / OUT_FILE, trained)
-        checked = check_files(target, check, Path(src.file), tmp / OUT_FILE)
+        checked = check_files(target, check, Path(src.file), tmp / OUT_FILE, logprobs)
         shipped = "plain" if checked and checked["tuned_kld"] > checked["plain_kld"] else "tuned"
         if shipped == "plain":
             shutil.copyfile(src.file, tmp / OUT_FILE)
@@ -83,6 +75,29 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
             "shipped": shipped, "device": history["device"], "tensor_types": src.meta.get("metrics", {}).get("tensor_types")}
     drop_checkpoints(out)
     return artifacts.load(out)
+
+
+def models_of(hf, teacher):
+    """(the teacher, the model the file was made from), each loaded once: a copy when they are one."""
+    import copy
+    from ..models import load_model
+    target = load_model(str(teacher.path))
+    return target, copy.deepcopy(target) if hf.path == teacher.path else load_model(str(hf.path))
+
+
+def file_model(model, stored: dict):
+    """Make `model` the file's model: every matrix the values the file holds, and each one of a type
+    with a tuner (that multiplies: the embedding table is looked up) a Blockwise layer of its
+    blocks. Returns (plan, tunable, perms, blocks, layers): {HF name: GGUF name} of every matrix
+    and of the tuned ones, row orders, {GGUF name: Blocks}, {HF name: Blockwise}."""
+    from .tune import attach
+    plan = match(model, stored)
+    tunable = {n: g for n, g in plan.items() if stored[g].type in TUNABLE and is_linear(model, n)}
+    perms = row_orders(model.config, plan)
+    blocks = {g: unpack(np.asarray(stored[g].data), stored[g].type, stored[g].cols) for g in tunable.values()}
+    load_fixed(model, stored, plan, perms, skip=set(tunable))
+    layers = attach(model, {n: hf_rows(blocks[g], perms.get(n)) for n, g in tunable.items()})
+    return plan, tunable, perms, blocks, layers
 
 
 def drop_checkpoints(out: Path) -> None:
@@ -104,10 +119,9 @@ def check_source(hf) -> None:
 
 
 def check_budget(q) -> None:
-    """The same rule config.check_qad applies, for a stage called directly."""
-    if q.tokens < q.seq_len * q.batch:
-        raise UserError(f"qad.tokens={q.tokens} is less than one step of qad.seq_len x qad.batch = "
-                        f"{q.seq_len * q.batch} tokens; give qad.tokens>={q.seq_len * q.batch}")
+    """config.check_qad's rule, for a stage called directly."""
+    from ..config import check_qad_budget
+    check_qad_budget(q)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -175,7 +189,7 @@ def is_linear(model, name: str) -> bool:
 def row_orders(config, plan: dict[str, str]) -> dict[str, np.ndarray]:
     """{HF module name: p} for the matrices whose rows the GGUF export reorders (Q and K under
     llama.cpp's rope layout): GGUF row i is HF row p[i]."""
-    from ..export.gguf import arch_spec, permute_qk
+    from ..export.gguf import arch_spec, head_dim, permute_qk
     if not arch_spec(config).permute_qk:
         return {}
     n_head = config.num_attention_heads
@@ -184,9 +198,7 @@ def row_orders(config, plan: dict[str, str]) -> dict[str, np.ndarray]:
     for name, g in plan.items():
         heads = n_head if ".attn_q." in g else n_kv if ".attn_k." in g else None
         if heads:
-            rows = config.head_dim * heads if getattr(config, "head_dim", None) else None
-            rows = rows or (config.hidden_size // n_head) * heads
-            out[name] = permute_qk(np.arange(rows)[:, None], heads)[:, 0]
+            out[name] = permute_qk(np.arange(head_dim(config) * heads)[:, None], heads)[:, 0]
     return out
 
 
@@ -252,11 +264,11 @@ def reference(target, ids: list[int]):
         return torch.log_softmax(target(torch.tensor([ids])).logits[0].float(), -1).numpy()
 
 
-def check_files(target, ids: list[int], plain: Path, tuned: Path) -> dict | None:
-    """KL(teacher || file) in llama.cpp on the set-aside train tokens, for the plain and tuned files."""
+def check_files(target, ids: list[int], plain: Path, tuned: Path, logprobs) -> dict | None:
+    """KL(teacher || file) on the set-aside train tokens for the plain and tuned files, each in its
+    runtime (`logprobs(path, ids)`: mix.logprobs for llama.cpp, qad_onnx.logprobs for onnxruntime)."""
     if not ids:
         return None
     from ..evaluate.quality import kld
-    from .mix import logprobs
     ref = reference(target, ids)
     return {"tokens": len(ids), "plain_kld": kld(ref, logprobs(plain, ids)), "tuned_kld": kld(ref, logprobs(tuned, ids))}

@@ -32,7 +32,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
     """Plain INT4 ONNX artifact `src` (made from HF artifact `hf`) -> tuned INT4 ONNX at `out`."""
     import onnx
     from ..export.onnx import require, resave
-    from ..models import load_model, load_tokenizer
+    from ..models import load_tokenizer
     from .tune import attach
     require("ONNX quantization-aware distillation", builder=False)
     if src.meta.get("quant") != "int4" or src.meta.get("stage") != "quantize":
@@ -40,21 +40,13 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
                         f"{src.name} is {src.meta.get('quant') or 'not quantized'}")
     qad.check_budget(cfg.qad)
     qad.check_source(hf)
-    model = load_model(str(hf.path))
+    target, model = qad.models_of(hf, teacher)
     mats = matmuls(onnx.load(str(src.file), load_external_data=True))
     plan = {name: hf_modules(model, name, m["N"]) for name, m in mats.items()
             if m["bits"] == 4 and name != "lm_head"}
     load_fixed(model, mats)
-    pieces = {}
-    for name, mods in plan.items():
-        q, d = codes(mats[name])
-        at = 0
-        for mod, rows in mods:
-            pieces[mod] = (q[at:at + rows], d[at:at + rows], None)
-            at += rows
-    layers = attach(model, pieces)
+    layers = attach(model, module_blocks(mats, plan))
     seqs, check = qad.train_tokens(load_tokenizer(str(hf.path)), data, cfg.qad.tokens, cfg.qad.seq_len)
-    target = load_model(str(teacher.path))
     with artifacts.writing(out, quant="int4", file=OUT_FILE) as (tmp, meta):
         history = qad.train(cfg, model, target, seqs, out)
         scales = {name: np.concatenate([layers[mod].stored()[0].detach().numpy() for mod, _ in mods])
@@ -63,7 +55,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
             if f.is_file() and f.name not in (OUT_FILE, OUT_FILE + "_data", artifacts.META):
                 shutil.copy2(f, tmp / f.name)
         resave(Path(src.file), tmp / OUT_FILE, edit=lambda proto: set_scales(proto, mats, scales))
-        checked = check_files(target, check, Path(src.file), tmp / OUT_FILE)
+        checked = qad.check_files(target, check, Path(src.file), tmp / OUT_FILE, logprobs)
         shipped = "plain" if checked and checked["tuned_kld"] > checked["plain_kld"] else "tuned"
         if shipped == "plain":
             resave(Path(src.file), tmp / OUT_FILE)
@@ -82,6 +74,7 @@ def matmuls(model) -> dict[str, dict]:
     of an ONNX model (loaded with its external data)."""
     from onnx import helper
     graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
     out = {}
     for node in graph.node:
         if node.op_type != "MatMulNBits":
@@ -90,29 +83,41 @@ def matmuls(model) -> dict[str, dict]:
         name = node.input[1].rsplit(".MatMul.", 1)[0]       # 'model.layers.0.attn.qkv_proj'
         zp = node.input[3] if len(node.input) > 3 and node.input[3] else None
         out[name] = {"N": attrs["N"], "K": attrs["K"], "bits": attrs["bits"], "block": attrs["block_size"],
-                     "B": node.input[1], "scales": node.input[2], "zp": zp, "graph": graph}
+                     "B": node.input[1], "scales": node.input[2], "zp": zp, "inits": inits}
     return out
 
 
-def _init(graph, name: str) -> np.ndarray:
+def _init(m: dict, key: str) -> np.ndarray:
+    """The array of MatMulNBits input `key` ("B", "scales", "zp") of `m`."""
     from onnx import numpy_helper
-    return numpy_helper.to_array(next(t for t in graph.initializer if t.name == name))
+    return numpy_helper.to_array(m["inits"][m[key]])
 
 
 def codes(m: dict) -> tuple[np.ndarray, np.ndarray]:
     """(q int8 [N, blocks, block], scales float32 [N, blocks]) of a 4-bit MatMulNBits, q = code - zero point."""
-    graph = m["graph"]
     n, k, block = m["N"], m["K"], m["block"]
     nb = k // block
-    packed = _init(graph, m["B"]).reshape(n, nb, block // 2)
+    packed = _init(m, "B").reshape(n, nb, block // 2)
     q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, nb, block).astype(np.int16)
     if m["zp"]:
-        z = _init(graph, m["zp"]).reshape(n, -1)
+        z = _init(m, "zp").reshape(n, -1)
         z = np.stack([z & 0xF, z >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.int16)
     else:
         z = np.full((n, nb), 8, dtype=np.int16)             # symmetric: the default zero point
-    d = _init(graph, m["scales"]).reshape(n, nb).astype(np.float32)
+    d = _init(m, "scales").reshape(n, nb).astype(np.float32)
     return (q - z[..., None]).astype(np.int8), d
+
+
+def module_blocks(mats: dict, plan: dict) -> dict[str, tuple]:
+    """{HF module name: (q, d, None)}: each MatMulNBits weight's rows split among the HF modules it fuses."""
+    out = {}
+    for name, mods in plan.items():
+        q, d = codes(mats[name])
+        at = 0
+        for mod, rows in mods:
+            out[mod] = (q[at:at + rows], d[at:at + rows], None)
+            at += rows
+    return out
 
 
 def hf_modules(model, name: str, rows: int) -> list[tuple[str, int]]:
@@ -146,9 +151,9 @@ def load_fixed(model, mats: dict) -> None:
         w = q.astype(np.float32) * d[..., None]
     else:
         n, nb = m["N"], m["K"] // m["block"]
-        q8 = _init(m["graph"], m["B"]).reshape(n, nb, m["block"]).astype(np.float32)
-        z = _init(m["graph"], m["zp"]).reshape(n, nb).astype(np.float32) if m["zp"] else np.full((n, nb), 128.0)
-        w = (q8 - z[..., None]) * _init(m["graph"], m["scales"]).reshape(n, nb)[..., None]
+        q8 = _init(m, "B").reshape(n, nb, m["block"]).astype(np.float32)
+        z = _init(m, "zp").reshape(n, nb).astype(np.float32) if m["zp"] else np.full((n, nb), 128.0)
+        w = (q8 - z[..., None]) * _init(m, "scales").reshape(n, nb)[..., None]
     model.get_output_embeddings().weight.data.copy_(torch.from_numpy(w.reshape(m["N"], m["K"]).astype(np.float32)))
 
 
@@ -161,19 +166,12 @@ def set_scales(model, mats: dict, scales: dict[str, np.ndarray]) -> None:
             t.CopyFrom(numpy_helper.from_array(by_name[t.name].astype(dtype).reshape(tuple(t.dims)), t.name))
 
 
-def check_files(target, ids: list[int], plain: Path, tuned: Path) -> dict | None:
-    """KL(teacher || file) in onnxruntime on the set-aside train tokens, for the plain and tuned files."""
-    if not ids:
-        return None
+def logprobs(path: Path, ids: list[int]) -> np.ndarray:
+    """[T, V] log-probs of an ONNX file in onnxruntime (the evaluate stage's runtime)."""
     import os
-    from ..evaluate.quality import kld
     from ..evaluate.runtimes import OnnxRuntime
-    ref = qad.reference(target, ids)
-    out = {"tokens": len(ids)}
-    for key, path in (("plain_kld", plain), ("tuned_kld", tuned)):
-        rt = OnnxRuntime(str(path), os.cpu_count() or 1, n_ctx=len(ids))
-        try:
-            out[key] = kld(ref, rt.logprobs(ids))
-        finally:
-            rt.close()
-    return out
+    rt = OnnxRuntime(str(path), os.cpu_count() or 1, n_ctx=len(ids))
+    try:
+        return rt.logprobs(ids)
+    finally:
+        rt.close()

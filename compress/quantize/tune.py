@@ -79,27 +79,24 @@ def attach(model, blocks: dict[str, tuple]) -> dict[str, Blockwise]:
 
 def kl_loss(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || model), nats. Both [..., V]."""
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    s = torch.log_softmax(logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    from ..distill.losses import forward_kl
+    return forward_kl(torch.log_softmax(logits.float(), -1), torch.log_softmax(teacher_logits.float(), -1)).mean()
 
 
 def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Path, every: int,
-         batch: int = 1, seconds: float | None = None, log=None) -> dict:
+         batch: int = 1, log=None) -> dict:
     """Train the Blockwise scales of `model` for `steps` steps of `batch` sequences of `seqs`
-    [N, L] (cycled), resuming from `ckpt_dir`; stops early after `seconds`. Returns the history."""
+    [N, L] (cycled), resuming from `ckpt_dir`. Returns the history."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     # linear decay to zero: the last steps settle the scales instead of moving them
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1 - i / max(steps, 1)))
     start, history = _load(ckpt_dir, model, opt, sched)
-    if start >= steps:   # killed after the last checkpoint, while the file was written or checked
-        return history | {"steps": steps, "stopped_early": False}
     seqs = seqs.to(next(model.parameters()).device)
     teacher_logits = _teacher_cache(teacher, seqs, repeats=steps * batch > len(seqs))
     model.train(False)   # no dropout: the codes are fixed, only the scales learn
     t0 = time.time() - history.get("seconds", 0.0)
-    step = start
+    # a run killed after its last checkpoint (while the file was written or checked) skips the loop
     for step in range(start, steps):
         rows = torch.arange(step * batch, (step + 1) * batch) % len(seqs)
         loss = kl_loss(teacher_logits(rows), model(seqs[rows]).logits)
@@ -114,13 +111,9 @@ def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Pa
         history["seconds"] = time.time() - t0
         if log:
             log(step + 1, steps, loss.item())
-        done = step + 1 == steps or (seconds is not None and history["seconds"] >= seconds)
-        if (step + 1) % every == 0 or done:
+        if (step + 1) % every == 0 or step + 1 == steps:
             _save(ckpt_dir, step + 1, model, opt, sched, history)
-        if done:
-            history["stopped_early"] = step + 1 < steps
-            return history | {"steps": step + 1}
-    return history | {"steps": max(step + 1, start)}
+    return history | {"steps": steps}
 
 
 def _teacher_cache(teacher, seqs: torch.Tensor, repeats: bool, budget: float = CACHE_BYTES):
