@@ -157,8 +157,8 @@ class Quantize:
     bnb: list = key([], "bitsandbytes HF artifacts (GPU servers)", choices=BNB_QUANTS)
 
 
-# A GGUF type's tensors of a tunable block type are tuned (quantize/blocks.py), the K-quants kept;
-# int4 is ONNX MatMulNBits (quantize/qad_onnx.py).
+# A GGUF type's tensors of a tunable block type are tuned (quantize/blocks.py: Q4_0, Q4_1, Q5_0,
+# Q5_1, Q8_0, Q4_K, Q6_K), the others (Q2_K, Q3_K, Q5_K) kept; int4 is ONNX MatMulNBits (qad_onnx.py).
 QAD_TYPES = quant_types("gguf") + ("int4",)
 QAD_MODELS = ("teacher", "student")
 

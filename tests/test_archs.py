@@ -234,14 +234,17 @@ def test_phone_run_of_each_family_reaches_the_report(arch, tokenizer, tmp_path):
             "quantize.gguf=[Q8_0,auto:50%]", "quantize.imatrix_tokens=128", "quantize.mix_tokens=128",
             "eval.seqs=2", "eval.seq_len=32", "eval.prefill_tokens=8",
             "eval.decode_tokens=4", "eval.threads=1", "eval.tasks=[]", "eval.memory=false", "eval.ood=none",
-            "samples.prompts=1", "samples.tokens=4", "quantize.teacher=false", "preflight=false", *onnx]
+            "samples.prompts=1", "samples.tokens=4", "quantize.teacher=false", "preflight=false",
+            "qad.of=[student]", "qad.tokens=64", "qad.seq_len=32", *onnx]
     proc = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     arts = {a["name"]: a for a in report["artifacts"]}
     # Q8_0 and the auto mix: the family's importance matrix and sensitivity name every matrix
-    want = {"teacher", "student", "distilled", "gguf-F16", "gguf-Q8_0", "gguf-auto-50pct"}
+    # the profile's Q4_0 tuned for the student: the family's matrices map onto the file's blocks
+    want = {"teacher", "student", "distilled", "gguf-F16", "gguf-Q8_0", "gguf-auto-50pct", "gguf-Q4_0",
+            "gguf-Q4_0-qad"}
     want |= {"onnx-fp32"} if onnx else set()
     assert want <= set(arts), sorted(arts)
     for name in want:

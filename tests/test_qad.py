@@ -232,12 +232,12 @@ def test_refusals_are_one_line(tuned, tokenizer):
     bnb_like = artifacts.Artifact(teacher.path, {**teacher.meta, "stage": "quantize", "quant": "int8"})
     with pytest.raises(UserError, match=r"is already quantized \(int8\): give the HF model"):
         qad.run(cfg, plain, work / "x-qad", hf=bnb_like, teacher=teacher, data=data)
-    # widths that take K-quants: every matrix of a Q4_K_S file is a K-quant, which has no tuner yet
+    # widths that take K-quants: every matrix of a Q5_K_S file is a Q5_K, which has no tuner yet
     from compress.export import gguf as export_gguf
     from compress.quantize import gguf as quantize_gguf
     wide = save_hf_artifact(make_tiny(tokenizer, hidden=256, intermediate=512, layers=1), tokenizer, work / "wide")
-    k = quantize_gguf.run(cfg, export_gguf.run(cfg, wide, work / "wide-F16"), work / "wide-Q4_K_S", qtype="Q4_K_S")
-    assert not set(k.meta["metrics"]["tensor_types"]) & {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}
+    k = quantize_gguf.run(cfg, export_gguf.run(cfg, wide, work / "wide-F16"), work / "wide-Q5_K_S", qtype="Q5_K_S")
+    assert not set(k.meta["metrics"]["tensor_types"]) & {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K"}
     with pytest.raises(UserError, match="holds no tensor of a type qad can tune"):
         qad.run(cfg, k, work / "x-qad", hf=wide, teacher=wide, data=data)
     cfg0 = load_config([f"out={work}", "name=r", *TINY_QAD, "qad.tokens=16"])

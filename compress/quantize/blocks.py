@@ -12,7 +12,8 @@ integer codes q, and for the "_1" types a float16 min m (0 for the others). ggml
 codes (nibble | high bit << 4) - 16; Q5_1 {d, m, qh[4], qs[16]}; Q8_0 {d, int8 qs[32]}. Nibble j
 of qs holds weight j in its low half and weight j + 16 in its high half; bit j of qh is weight j's
 fifth bit. gguf-py only dequantizes or quantizes whole arrays, so the codes and scales are read here.
-The K-quants (two levels of scales over 256 weights) have no tuner yet: they are kept as written.
+The K-quants of llama.cpp's k-quant mixes (Q4_K, Q6_K: two levels of scales over 256 weights) are
+kquants.py's; unpack and pack here take every type in TUNABLE.
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kquants
+
 BLOCK = 32
 # type: (bytes per block, has a min, code offset: stored unsigned code - offset = q, code bits)
 LAYOUT = {"Q4_0": (18, False, 8, 4), "Q4_1": (20, True, 0, 4), "Q5_0": (22, False, 16, 5),
           "Q5_1": (24, True, 0, 5), "Q8_0": (34, False, 0, 8)}
-TUNABLE = tuple(LAYOUT)
+TUNABLE = (*LAYOUT, *kquants.LAYOUT)
 
 
 @dataclass
@@ -48,8 +51,10 @@ class Blocks:
         return -offset, (1 << bits) - 1 - offset
 
 
-def unpack(raw: np.ndarray, qtype: str, cols: int) -> Blocks:
+def unpack(raw: np.ndarray, qtype: str, cols: int) -> Blocks | kquants.KBlocks:
     """uint8 [rows, row bytes] of a `qtype` tensor -> its codes, scales and mins."""
+    if qtype in kquants.LAYOUT:
+        return kquants.unpack(raw, qtype, cols)
     size, has_min, offset, bits = LAYOUT[qtype]
     rows = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(rows, cols // BLOCK, size)
@@ -70,8 +75,10 @@ def unpack(raw: np.ndarray, qtype: str, cols: int) -> Blocks:
     return Blocks(qtype, codes - offset, d, m)
 
 
-def pack(b: Blocks) -> np.ndarray:
+def pack(b: Blocks | kquants.KBlocks) -> np.ndarray:
     """The inverse of unpack: uint8 [rows, row bytes]. Scales and mins are rounded to float16."""
+    if isinstance(b, kquants.KBlocks):
+        return kquants.pack(b)
     size, has_min, offset, bits = LAYOUT[b.qtype]
     lo, hi = b.code_range()
     if b.q.min() < lo or b.q.max() > hi:

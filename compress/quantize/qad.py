@@ -11,8 +11,9 @@ trains the block scales of each matrix whose type has a tuner (blocks.TUNABLE) o
 tokens against the teacher's distributions (tune.py), and writes the trained float16 scales and
 mins into a copy of the plain file's bytes: the integer codes, every other tensor and the metadata
 are untouched, the file size is identical, and no F16 is quantized again (a fresh quantization
-would undo what was learned). Tensors of other types (K-quants) stay as llama.cpp wrote them and
-meta.json lists them. Before shipping, the tuned and the plain file are both scored in llama.cpp
+would undo what was learned). K-quants (Q4_K, Q6_K) keep their codes too: their sub-block scales
+and mins train on the file's integer grid under trained float16 super-scales (tune.Gridded).
+Tensors of other types (Q2_K, Q3_K, Q5_K) stay as llama.cpp wrote them and meta.json lists them. Before shipping, the tuned and the plain file are both scored in llama.cpp
 on train tokens set aside from tuning; the plain blocks ship if tuning lost (metrics.shipped).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import UserError
 from ..formats import GGUF_QUANT
 from ..stage import current, stage
 from .blocks import TUNABLE, Blocks, pack, unpack
+from .kquants import KBlocks
 from .header import tensors_of
 
 OUT_FILE = "model.gguf"
@@ -55,10 +57,10 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
     plan, tunable, perms, blocks, layers = file_model(model, stored)
     if not tunable:
         raise UserError(f"{src.name} holds no tensor of a type qad can tune ({', '.join(TUNABLE)}); "
-                        f"tune Q4_0, Q4_1, Q5_0 or Q8_0 files")
+                        f"tune a file of those types or a k-quant mix of them (Q4_K_M, Q4_K_S)")
     seqs, check = train_tokens(load_tokenizer(str(hf.path)), data, cfg.qad.tokens, cfg.qad.seq_len)
     with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
-        history = train(cfg, model, target, seqs, out)
+        history = train(cfg, model, target, seqs, out, layers)
         trained = {g: gguf_blocks(blocks[g], layers[n], perms.get(n)) for n, g in tunable.items()}
         write(Path(src.file), tmp / OUT_FILE, trained)
         checked = check_files(target, check, Path(src.file), tmp / OUT_FILE, logprobs)
@@ -129,11 +131,12 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / "checkpoints" / f"{out.name}-{ident.hash if ident else 'direct'}"
 
 
-def train(cfg, model, target, seqs, out: Path) -> dict:
+def train(cfg, model, target, seqs, out: Path, layers: dict) -> dict:
     """Tune `model`'s Blockwise layers against the teacher model `target` (tune.py), on CUDA when
-    there is one; both models are back on the CPU afterwards."""
+    there is one, and put K-quant scales on their grid (tune.Gridded.snap); both models are back
+    on the CPU afterwards."""
     import torch
-    from .tune import tune
+    from .tune import Gridded, tune
     q = cfg.qad
     steps = max(1, q.tokens // (q.seq_len * q.batch))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,6 +148,9 @@ def train(cfg, model, target, seqs, out: Path) -> dict:
     try:
         history = tune(model.to(device), target.to(device), seqs, steps, q.lr, checkpoint_dir(out),
                        q.checkpoint_every, batch=q.batch, log=log)
+        for layer in layers.values():
+            if isinstance(layer, Gridded):
+                layer.snap()
     finally:
         model.cpu(), target.cpu()
     return history | {"device": device}
@@ -218,16 +224,22 @@ def load_fixed(model, stored: dict, plan: dict, perms: dict, skip: set) -> None:
         weight.data.copy_(torch.from_numpy(np.ascontiguousarray(w)).to(weight.dtype))
 
 
-def hf_rows(b: Blocks, perm) -> tuple:
-    """(q, d, m) in the HF module's row order."""
+def hf_rows(b: Blocks | KBlocks, perm) -> tuple:
+    """(q, d, m) in the HF module's row order, and for a K-quant its grid (D, Dmin, sc range)."""
     inv = slice(None) if perm is None else np.argsort(perm)
-    return (b.q[inv].astype(np.int8), b.d[inv], None if b.m is None else b.m[inv])
+    rows = (b.q[inv].astype(np.int8), b.d[inv], None if b.m is None else b.m[inv])
+    if isinstance(b, KBlocks):
+        rows += ((b.D[inv], None if b.Dmin is None else b.Dmin[inv], b.scale_range()),)
+    return rows
 
 
-def gguf_blocks(b: Blocks, layer, perm) -> Blocks:
+def gguf_blocks(b: Blocks | KBlocks, layer, perm) -> Blocks | KBlocks:
     """The trained scales (and mins) with the file's codes, in GGUF row order."""
-    d, m = (x.detach().numpy() if x is not None else None for x in layer.stored())
     order = slice(None) if perm is None else perm
+    if isinstance(b, KBlocks):
+        D, sc, Dmin, mn = (None if x is None else x.detach().numpy()[order] for x in layer.ints())
+        return KBlocks(b.qtype, b.q, D, sc.astype(np.int16), Dmin, None if mn is None else mn.astype(np.int16))
+    d, m = (x.detach().numpy() if x is not None else None for x in layer.stored())
     return Blocks(b.qtype, b.q, d[order], None if m is None else m[order])
 
 
