@@ -16,7 +16,7 @@ from compress.quantize.header import tensors_of
 from conftest import SHARED, make_tiny, save_data_artifact, save_hf_artifact
 
 
-@pytest.mark.parametrize("qtype", blocks.TUNABLE)
+@pytest.mark.parametrize("qtype", tuple(blocks.LAYOUT))   # K-quants: test_qad_kquants.py
 def test_blocks_unpack_to_ggufs_values_and_pack_back_byte_for_byte(qtype):
     x = np.random.default_rng(0).standard_normal((6, 256)).astype(np.float32) * 0.05
     raw = gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype])
@@ -27,7 +27,7 @@ def test_blocks_unpack_to_ggufs_values_and_pack_back_byte_for_byte(qtype):
     assert b.q.min() >= lo and b.q.max() <= hi
 
 
-@pytest.mark.parametrize("qtype", blocks.TUNABLE)
+@pytest.mark.parametrize("qtype", tuple(blocks.LAYOUT))   # K-quants: test_qad_kquants.py
 def test_new_scales_and_mins_are_what_the_dequantizer_reads(qtype):
     x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
     b = blocks.unpack(gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype]), qtype, 64)
@@ -232,11 +232,12 @@ def test_refusals_are_one_line(tuned, tokenizer):
     bnb_like = artifacts.Artifact(teacher.path, {**teacher.meta, "stage": "quantize", "quant": "int8"})
     with pytest.raises(UserError, match=r"is already quantized \(int8\): give the HF model"):
         qad.run(cfg, plain, work / "x-qad", hf=bnb_like, teacher=teacher, data=data)
-    # widths that take K-quants: every matrix of a Q5_K_S file is a Q5_K, which has no tuner yet
+    # widths that take K-quants: the matrices of a Q2_K file are Q2_K and Q3_K, which have no tuner (the
+    # Q6_K tensor is the tied embedding, looked up, not multiplied)
     from compress.export import gguf as export_gguf
     from compress.quantize import gguf as quantize_gguf
     wide = save_hf_artifact(make_tiny(tokenizer, hidden=256, intermediate=512, layers=1), tokenizer, work / "wide")
-    k = quantize_gguf.run(cfg, export_gguf.run(cfg, wide, work / "wide-F16"), work / "wide-Q5_K_S", qtype="Q5_K_S")
+    k = quantize_gguf.run(cfg, export_gguf.run(cfg, wide, work / "wide-F16"), work / "wide-Q2_K", qtype="Q2_K")
     assert not set(k.meta["metrics"]["tensor_types"]) & {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K"}
     with pytest.raises(UserError, match="holds no tensor of a type qad can tune"):
         qad.run(cfg, k, work / "x-qad", hf=wide, teacher=wide, data=data)

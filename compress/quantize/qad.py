@@ -131,7 +131,7 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / "checkpoints" / f"{out.name}-{ident.hash if ident else 'direct'}"
 
 
-def train(cfg, model, target, seqs, out: Path, layers: dict) -> dict:
+def train(cfg, model, target, seqs, out: Path, layers: dict | None = None) -> dict:
     """Tune `model`'s Blockwise layers against the teacher model `target` (tune.py), on CUDA when
     there is one, and put K-quant scales on their grid (tune.Gridded.snap); both models are back
     on the CPU afterwards."""
@@ -148,7 +148,7 @@ def train(cfg, model, target, seqs, out: Path, layers: dict) -> dict:
     try:
         history = tune(model.to(device), target.to(device), seqs, steps, q.lr, checkpoint_dir(out),
                        q.checkpoint_every, batch=q.batch, log=log)
-        for layer in layers.values():
+        for layer in (layers or {}).values():
             if isinstance(layer, Gridded):
                 layer.snap()
     finally:
