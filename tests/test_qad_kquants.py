@@ -59,6 +59,10 @@ def test_new_k_quant_scales_and_mins_are_what_the_dequantizer_reads(qtype):
     b.sc[1, 0] = hi + 1
     with pytest.raises(ValueError, match=rf"sub-block scales must lie in \[{lo}, {hi}\]"):
         blocks.pack(b)
+    if b.mn is not None:
+        b.sc[1, 0], b.mn[1, 0] = hi, -1
+        with pytest.raises(ValueError, match=r"Q4_K sub-block mins must lie in \[0, 63\]"):
+            blocks.pack(b)
 
 
 def gridded(b: KBlocks) -> Gridded:
@@ -101,7 +105,21 @@ def test_the_gridded_layer_starts_at_the_file_and_ends_on_its_grid(qtype):
     assert np.array_equal(dequantize(blocks.pack(nb), GGMLQuantizationType[qtype]), layer.weight.detach().numpy())
     assert (nb.sc != b.sc).any() and not np.array_equal(nb.D, b.D)
     assert after < before
-    assert np.array_equal(nb.values()[0], np.zeros(512, np.float32))   # a zero row stays zero
+    untrained = gridded(b)
+    untrained.snap()                     # the file's own scales are on the grid: snapped, they stay
+    assert torch.equal(untrained.weight, torch.from_numpy(b.values()))
+
+
+def test_a_super_block_the_file_zeroed_gets_a_scale_when_its_trained_scales_are_not_zero():
+    _, raw = llama_cpp_blocks("Q4_K", False)
+    b = blocks.unpack(raw, "Q4_K", 512)
+    assert (b.D[0] == 0).all()                           # the zero row
+    layer = gridded(b)
+    with torch.no_grad():
+        layer.d0[0] = 0.01                               # as if its scales had trained away from 0
+    layer.snap()
+    D, sc, _, _ = layer.ints()
+    assert (D[0] > 0).all() and torch.allclose(D[0].repeat_interleave(8) * sc[0], torch.full((16,), 0.01), rtol=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +150,7 @@ def test_a_tuned_q4_k_m_keeps_codes_and_tunes_both_k_quants(tuned_k):
     _, _, plain, art = tuned_k
     m = art.meta["metrics"]
     assert set(m["tuned_types"]) == {"Q4_K", "Q6_K"} and m["tuned_tensors"] == 14
-    assert set(m["kept_tensors"]) == {"token_embd.weight"}
+    assert set(m["kept_tensors"]) == {"token_embd.weight"} and m["shipped"] == "tuned"
     assert art.file.stat().st_size == plain.file.stat().st_size
     a, b = tensors_of(plain.file), tensors_of(art.file)
     for name, t in a.items():
@@ -152,8 +170,8 @@ def test_llama_cpp_runs_a_tuned_q4_k_m_as_torch_computes_it_with_lower_kld(tuned
     got, want = llama_logprobs(art.file, ids), torch_logprobs(file_model(teacher, art.file), ids)
     # llama.cpp rounds activations to 8 bits before a K-quant product: the plain file's own gap
     # between torch and llama.cpp is the runtime's tolerance
-    tolerance = kld(torch_logprobs(file_model(teacher, plain.file), ids), llama_logprobs(plain.file, ids))
     plain_lp = llama_logprobs(plain.file, ids)
+    tolerance = kld(torch_logprobs(file_model(teacher, plain.file), ids), plain_lp)
     assert kld(want, got) < 2 * tolerance, (kld(want, got), tolerance)
     assert kld(want, got) < 0.2 * kld(plain_lp, got), (kld(want, got), kld(plain_lp, got))
     ref = torch_logprobs(load_model(str(teacher.path)), ids)

@@ -1,7 +1,7 @@
 """The two K-quants that llama.cpp's k-quant mixes are made of (Q4_K, Q6_K), unpacked into codes,
 sub-block scales and mins and packed back byte for byte. gguf-py dequantizes them but does not
 quantize them, so the layouts are read and written here (ggml-common.h, checked against gguf-py's
-dequantizer and llama.cpp's own quantizer in tests/test_qad.py).
+dequantizer and llama.cpp's own quantizer in tests/test_qad_kquants.py).
 
     b = unpack(raw, "Q4_K", cols)        # raw: uint8 [rows, row bytes]
     b.values()                           # == gguf.quants.dequantize(raw, Q4_K)

@@ -11,10 +11,12 @@ trains the block scales of each matrix whose type has a tuner (blocks.TUNABLE) o
 tokens against the teacher's distributions (tune.py), and writes the trained float16 scales and
 mins into a copy of the plain file's bytes: the integer codes, every other tensor and the metadata
 are untouched, the file size is identical, and no F16 is quantized again (a fresh quantization
-would undo what was learned). K-quants (Q4_K, Q6_K) keep their codes too: their sub-block scales
-and mins train on the file's integer grid under trained float16 super-scales (tune.Gridded).
-Tensors of other types (Q2_K, Q3_K, Q5_K) stay as llama.cpp wrote them and meta.json lists them. Before shipping, the tuned and the plain file are both scored in llama.cpp
-on train tokens set aside from tuning; the plain blocks ship if tuning lost (metrics.shipped).
+would undo what was learned). K-quants (Q4_K, Q6_K) keep their codes too: their sub-block
+scales and mins train continuously and are then put on the file's grid of float16 super-scales
+times small integers (tune.Gridded). Tensors of other types (Q2_K, Q3_K, Q5_K) stay as
+llama.cpp wrote them and meta.json lists them. Before shipping, the tuned and the plain file are
+both scored in llama.cpp on train tokens set aside from tuning; the plain blocks ship if tuning
+lost (metrics.shipped).
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
                         f"tune a file of those types or a k-quant mix of them (Q4_K_M, Q4_K_S)")
     seqs, check = train_tokens(load_tokenizer(str(hf.path)), data, cfg.qad.tokens, cfg.qad.seq_len)
     with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
-        history = train(cfg, model, target, seqs, out, layers)
+        history = train(cfg, model, target, seqs, out)
         trained = {g: gguf_blocks(blocks[g], layers[n], perms.get(n)) for n, g in tunable.items()}
         write(Path(src.file), tmp / OUT_FILE, trained)
         checked = check_files(target, check, Path(src.file), tmp / OUT_FILE, logprobs)
@@ -131,7 +133,7 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / "checkpoints" / f"{out.name}-{ident.hash if ident else 'direct'}"
 
 
-def train(cfg, model, target, seqs, out: Path, layers: dict | None = None) -> dict:
+def train(cfg, model, target, seqs, out: Path) -> dict:
     """Tune `model`'s Blockwise layers against the teacher model `target` (tune.py), on CUDA when
     there is one, and put K-quant scales on their grid (tune.Gridded.snap); both models are back
     on the CPU afterwards."""
@@ -148,7 +150,7 @@ def train(cfg, model, target, seqs, out: Path, layers: dict | None = None) -> di
     try:
         history = tune(model.to(device), target.to(device), seqs, steps, q.lr, checkpoint_dir(out),
                        q.checkpoint_every, batch=q.batch, log=log)
-        for layer in (layers or {}).values():
+        for layer in model.modules():
             if isinstance(layer, Gridded):
                 layer.snap()
     finally:

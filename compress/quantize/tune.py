@@ -9,8 +9,8 @@ trained against the teacher's next-token distributions while the integer codes q
 Scales are trained as relative changes, d = d0 * (1 + s), and mins in units of their block's
 scale, m = m0 + d0 * t: one learning rate then fits blocks whose scales differ by orders of
 magnitude. K-quants, whose sub-block scales are integers under a float16 super-scale, train the
-same way and are then put on that grid (Gridded.snap). The loss is KL(teacher || model) per token over the whole vocabulary, the same
-quantity the evaluate stage reports.
+same way and are then put on that grid (Gridded.snap). The loss is KL(teacher || model) per
+token over the whole vocabulary, the same quantity the evaluate stage reports.
 """
 from __future__ import annotations
 
@@ -64,14 +64,15 @@ class Gridded(Blockwise):
     super-scale D per 256 weights times a small integer sc, and its min likewise -Dmin * mn.
 
     Its sub-block scales and mins train as Blockwise's, continuous, from the file's values; snap()
-    then puts them on the grid, choosing each super-scale by the least squared error of its
-    sub-blocks' scales, and from then on the layer computes exactly what the file will hold.
+    then puts them on the grid, choosing each float16 super-scale near the file's by the least
+    squared error of its sub-blocks' trained scales (not of the weights), and from then on the
+    layer computes exactly what the file will hold.
     Measured on a tiny Q4_K_M, the alternatives lost: rounding onto the grid in every step
     (straight through) made the fit worse than the file, as a 6-bit step is 2-3 % of a scale and
     the scales flip back and forth across it; training the super-scales after the snap raised the
     held-out KLD the snap had reached."""
 
-    SEARCH = torch.linspace(-0.15, 0.15, 121)   # super-scales tried at snap: the file's times 1 + these
+    SEARCH = 256   # float16 steps either side of the file's super-scale tried at snap (±12-25 %)
 
     def __init__(self, q, d, m, bias, grid: tuple):
         super().__init__(q, d, m, bias)
@@ -93,11 +94,18 @@ class Gridded(Blockwise):
             p.requires_grad_(False)
 
     def _fit(self, s: torch.Tensor, D0: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D [rows, supers] float16 values, integers [rows, subs]) with D * integers closest to s."""
+        """(D [rows, supers] float16 values, integers [rows, subs]): of the float16 values within
+        SEARCH steps of the file's D (or, where that is 0, of the largest trained scale over the
+        largest integer), the one whose integers reproduce the trained scales `s` with the least
+        squared error."""
         S = s.view(s.shape[0], -1, self.per)
+        base = torch.where(D0 != 0, D0, S.abs().amax(-1) / self.hi).half()
+        bits = base.view(torch.int16).int()
+        negative = bits < 0        # float16 bit patterns: a larger int16 is a larger magnitude for either sign
         best_err, best_D, best_k = None, None, None
-        for f in self.SEARCH.tolist():
-            D = (D0 * (1 + f)).half().float()[..., None]
+        for step in range(-self.SEARCH, self.SEARCH + 1):
+            b = torch.where(negative, (bits + step).clamp(-32767, -1025), (bits + step).clamp(1, 0x7BFF))
+            D = torch.where(base != 0, b.short().view(torch.float16), 0).float()[..., None]
             k = torch.where(D != 0, S / torch.where(D != 0, D, 1), 0).round().clamp(lo, self.hi)
             err = (S - D * k).square().sum(-1)
             if best_err is None:
@@ -235,6 +243,10 @@ def _load(ckpt_dir: Path, model, opt, sched) -> tuple[int, dict]:
     named = dict(model.named_parameters())
     for k, v in state["params"].items():
         named[k].data.copy_(v)
-    opt.load_state_dict(state["opt"])
-    sched.load_state_dict(state["sched"])
+    try:
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {path} was written for other trained parameters ({e}); "
+                        f"delete it to restart tuning") from None
     return state["step"], state["history"]
