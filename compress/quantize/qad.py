@@ -150,7 +150,7 @@ def train(cfg, model, target, seqs, out: Path) -> dict:
     try:
         history = tune(model.to(device), target.to(device), seqs, steps, q.lr, checkpoint_dir(out),
                        q.checkpoint_every, batch=q.batch, log=log)
-        for layer in model.modules():
+        for layer in model.modules():      # a resumed run snaps the same checkpointed scales
             if isinstance(layer, Gridded):
                 layer.snap()
     finally:
