@@ -39,10 +39,7 @@ class Blocks:
 
     def values(self) -> np.ndarray:
         """The weights the file holds: float32 [rows, cols]."""
-        w = self.d[..., None] * self.q.astype(np.float32)
-        if self.m is not None:
-            w = w + self.m[..., None]
-        return w.reshape(w.shape[0], -1)
+        return kquants.block_values(self.q, self.d, self.m)
 
     def code_range(self) -> tuple[int, int]:
         _, _, offset, bits = LAYOUT[self.qtype]

@@ -53,16 +53,22 @@ class KBlocks:
         return -(np.repeat(self.Dmin, self.per, axis=1) * self.mn.astype(np.float32))
 
     def values(self) -> np.ndarray:
-        w = self.d[..., None] * self.q.astype(np.float32)
-        if self.m is not None:
-            w = w + self.m[..., None]
-        return w.reshape(w.shape[0], -1)
+        return block_values(self.q, self.d, self.m)
 
     def code_range(self) -> tuple[int, int]:
         return LAYOUT[self.qtype][3]
 
     def scale_range(self) -> tuple[int, int]:
         return LAYOUT[self.qtype][2]
+
+
+def block_values(q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """w = d * q + m per block of codes q [rows, blocks, size]: float32 [rows, cols], computed in
+    the order gguf-py's dequantizer does, so the values are equal bit for bit."""
+    w = d[..., None] * q.astype(np.float32)
+    if m is not None:
+        w = w + m[..., None]
+    return w.reshape(w.shape[0], -1)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
