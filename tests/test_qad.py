@@ -232,15 +232,14 @@ def test_refusals_are_one_line(tuned, tokenizer):
     bnb_like = artifacts.Artifact(teacher.path, {**teacher.meta, "stage": "quantize", "quant": "int8"})
     with pytest.raises(UserError, match=r"is already quantized \(int8\): give the HF model"):
         qad.run(cfg, plain, work / "x-qad", hf=bnb_like, teacher=teacher, data=data)
-    # widths that take K-quants: the matrices of a Q2_K file are Q2_K and Q3_K, which have no tuner (the
-    # Q6_K tensor is the tied embedding, looked up, not multiplied)
+    # a width no block type divides (48 columns): llama.cpp keeps every matrix F16
     from compress.export import gguf as export_gguf
     from compress.quantize import gguf as quantize_gguf
-    wide = save_hf_artifact(make_tiny(tokenizer, hidden=256, intermediate=512, layers=1), tokenizer, work / "wide")
-    k = quantize_gguf.run(cfg, export_gguf.run(cfg, wide, work / "wide-F16"), work / "wide-Q2_K", qtype="Q2_K")
-    assert not set(k.meta["metrics"]["tensor_types"]) & {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K"}
+    narrow = save_hf_artifact(make_tiny(tokenizer, hidden=48, intermediate=80, layers=1), tokenizer, work / "narrow")
+    f = quantize_gguf.run(cfg, export_gguf.run(cfg, narrow, work / "narrow-F16"), work / "narrow-Q4_0", qtype="Q4_0")
+    assert set(f.meta["metrics"]["tensor_types"]) == {"F16", "F32"}
     with pytest.raises(UserError, match="holds no tensor of a type qad can tune"):
-        qad.run(cfg, k, work / "x-qad", hf=wide, teacher=wide, data=data)
+        qad.run(cfg, f, work / "x-qad", hf=narrow, teacher=narrow, data=data)
     cfg0 = load_config([f"out={work}", "name=r", *TINY_QAD, "qad.tokens=16"])
     with pytest.raises(UserError, match=r"qad.tokens=16 is less than one step of qad.seq_len x qad.batch = 128"):
         qad.run(cfg0, plain, work / "x-qad", hf=teacher, teacher=teacher, data=data)

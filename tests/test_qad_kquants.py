@@ -10,14 +10,14 @@ import torch
 from gguf import GGMLQuantizationType, dequantize
 
 from compress.config import load_config
-from compress.quantize import blocks, qad
+from compress.quantize import blocks, kquants, qad
 from compress.quantize.kquants import KBlocks
 from compress.quantize.mix import ggml_quantize
 from compress.quantize.tune import Gridded
 from conftest import make_tiny, save_data_artifact, save_hf_artifact
 from test_qad import TINY_QAD, file_model, heldout_ids, llama_logprobs, texts, torch_logprobs
 
-KTYPES = ("Q4_K", "Q6_K")
+KTYPES = tuple(kquants.LAYOUT)
 
 
 def llama_cpp_blocks(qtype: str, imatrix: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +38,7 @@ def test_llama_cpps_k_quant_blocks_unpack_to_ggufs_values_and_pack_back_byte_for
     assert np.array_equal(blocks.pack(b), raw)
     (lo, hi), (slo, shi) = b.code_range(), b.scale_range()
     assert lo <= b.q.min() and b.q.max() <= hi and slo <= b.sc.min() and b.sc.max() <= shi
-    assert b.q.shape == (8, 512 // b.q.shape[2], {"Q4_K": 32, "Q6_K": 16}[qtype])
+    assert b.q.shape == (8, 512 // kquants.LAYOUT[qtype][1], kquants.LAYOUT[qtype][1])
 
 
 @pytest.mark.parametrize("qtype", KTYPES)
@@ -61,7 +61,7 @@ def test_new_k_quant_scales_and_mins_are_what_the_dequantizer_reads(qtype):
         blocks.pack(b)
     if b.mn is not None:
         b.sc[1, 0], b.mn[1, 0] = hi, -1
-        with pytest.raises(ValueError, match=r"Q4_K sub-block mins must lie in \[0, 63\]"):
+        with pytest.raises(ValueError, match=rf"{qtype} sub-block mins must lie in \[0, {hi}\]"):
             blocks.pack(b)
 
 
@@ -76,7 +76,7 @@ def repacked(b: KBlocks, layer: Gridded) -> KBlocks:
 
 
 def fit(layer: Gridded, target: torch.Tensor, steps: int, lr: float) -> None:
-    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=lr)
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=lr * layer.lr_scale)
     for _ in range(steps):
         loss = (layer.weight - target).square().sum()
         opt.zero_grad()

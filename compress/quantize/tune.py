@@ -88,21 +88,31 @@ class Gridded(Blockwise):
         self.register_buffer("mn", None, persistent=False)
 
     def snap(self) -> None:
-        """Put the trained sub-block scales (and mins) on the grid; they train no further."""
+        """Put the trained sub-block scales (and mins) on the grid; they train no further.
+
+        A sub-block's weights move by e_d * q + e_m when its scale moves by e_d and its min by e_m:
+        the scales are fitted with each sub-block weighted by how much its codes spread (sum of
+        (q - mean q)^2, or of q^2 without mins), and each min then absorbs its scale's rounding
+        error at the sub-block's mean code before it is rounded itself."""
         with torch.no_grad():
             d, m = Blockwise.stored(self)
-            self.D0, self.sc = self._fit(d, self.D0, self.lo)
-            if m is not None:
-                self.Dmin0, self.mn = self._fit(-m, self.Dmin0, 0)
+            if m is None:
+                self.D0, self.sc = self._fit(d, self.D0, self.lo, self.q.square().sum(-1))
+            else:
+                mean = self.q.mean(-1)
+                self.D0, self.sc = self._fit(d, self.D0, self.lo, (self.q - mean[..., None]).square().sum(-1))
+                missed = self.D0.repeat_interleave(self.per, 1) * self.sc - d
+                self.Dmin0, self.mn = self._fit(-(m - missed * mean), self.Dmin0, 0, torch.ones_like(d))
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def _fit(self, s: torch.Tensor, D0: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fit(self, s: torch.Tensor, D0: torch.Tensor, lo: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(D [rows, supers] float16 values, integers [rows, subs]): of the float16 values within
         SEARCH steps of the file's D (or, where that is 0, of the largest trained scale over the
         largest integer), the one whose integers reproduce the trained scales `s` with the least
-        squared error."""
+        `weight`ed squared error."""
         S = s.view(s.shape[0], -1, self.per)
+        W = weight.view(S.shape) + 1e-6   # all-zero codes: any scale computes the same; keep it near the trained one
         base = torch.where(D0 != 0, D0, S.abs().amax(-1) / self.hi).half()
         bits = base.view(torch.int16).int()
         negative = bits < 0        # float16 bit patterns: a larger int16 is a larger magnitude for either sign
@@ -111,7 +121,7 @@ class Gridded(Blockwise):
             b = torch.where(negative, (bits + step).clamp(-32767, -1025), (bits + step).clamp(1, 0x7BFF))
             D = torch.where(base != 0, b.short().view(torch.float16), 0).float()[..., None]
             k = torch.where(D != 0, S / torch.where(D != 0, D, 1), 0).round().clamp(lo, self.hi)
-            err = (S - D * k).square().sum(-1)
+            err = (W * (S - D * k).square()).sum(-1)
             if best_err is None:
                 best_err, best_D, best_k = err, D, k
                 continue
