@@ -158,7 +158,7 @@ class Quantize:
 
 
 # A GGUF type's tensors of a tunable block type are tuned (quantize/blocks.py: Q4_0, Q4_1, Q5_0,
-# Q5_1, Q8_0, Q4_K, Q6_K), the others (Q2_K, Q3_K, Q5_K) kept; int4 is ONNX MatMulNBits (qad_onnx.py).
+# Q5_1, Q8_0 and the K-quants Q2_K to Q6_K), others kept; int4 is ONNX MatMulNBits (qad_onnx.py).
 QAD_TYPES = quant_types("gguf") + ("int4",)
 QAD_MODELS = ("teacher", "student")
 

@@ -12,7 +12,7 @@ integer codes q, and for the "_1" types a float16 min m (0 for the others). ggml
 codes (nibble | high bit << 4) - 16; Q5_1 {d, m, qh[4], qs[16]}; Q8_0 {d, int8 qs[32]}. Nibble j
 of qs holds weight j in its low half and weight j + 16 in its high half; bit j of qh is weight j's
 fifth bit. gguf-py only dequantizes or quantizes whole arrays, so the codes and scales are read here.
-The K-quants of llama.cpp's k-quant mixes (Q4_K, Q6_K: two levels of scales over 256 weights) are
+The K-quants of llama.cpp's k-quant mixes (Q2_K to Q6_K: two levels of scales over 256 weights) are
 kquants.py's; unpack and pack here take every type in TUNABLE.
 """
 from __future__ import annotations

@@ -11,10 +11,10 @@ trains the block scales of each matrix whose type has a tuner (blocks.TUNABLE) o
 tokens against the teacher's distributions (tune.py), and writes the trained float16 scales and
 mins into a copy of the plain file's bytes: the integer codes, every other tensor and the metadata
 are untouched, the file size is identical, and no F16 is quantized again (a fresh quantization
-would undo what was learned). K-quants (Q4_K, Q6_K) keep their codes too: their sub-block
+would undo what was learned). K-quants (Q2_K to Q6_K) keep their codes too: their sub-block
 scales and mins train continuously and are then put on the file's grid of float16 super-scales
-times small integers (tune.Gridded). Tensors of other types (Q2_K, Q3_K, Q5_K) stay as
-llama.cpp wrote them and meta.json lists them. Before shipping, the tuned and the plain file are
+times small integers (tune.Gridded). Tensors of other types stay as llama.cpp wrote them and
+meta.json lists them. Before shipping, the tuned and the plain file are
 both scored in llama.cpp on train tokens set aside from tuning; the plain blocks ship if tuning
 lost (metrics.shipped).
 """
@@ -59,7 +59,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
     plan, tunable, perms, blocks, layers = file_model(model, stored)
     if not tunable:
         raise UserError(f"{src.name} holds no tensor of a type qad can tune ({', '.join(TUNABLE)}); "
-                        f"tune a file of those types or a k-quant mix of them (Q4_K_M, Q4_K_S)")
+                        f"tune a file of those types or a k-quant mix of them (Q4_K_M, Q3_K_M, Q2_K …)")
     seqs, check = train_tokens(load_tokenizer(str(hf.path)), data, cfg.qad.tokens, cfg.qad.seq_len)
     with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
         history = train(cfg, model, target, seqs, out)
