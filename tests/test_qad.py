@@ -61,15 +61,14 @@ TINY_QAD = ["quantize.imatrix_tokens=1024", "qad.tokens=8192", "qad.seq_len=64",
             "qad.checkpoint_every=4"]
 
 
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory, tokenizer):
-    """A tiny teacher, its Q4_0 (llama.cpp's quantizer with an importance matrix) and the tuned Q4_0."""
+def tiny_tuned(work, tokenizer, qtype: str, hidden: int, intermediate: int, seed: int):
+    """A tiny teacher (its matrices scaled down, as a trained model's are), its `qtype` by llama.cpp's
+    quantizer with an importance matrix, and that file tuned: (cfg, teacher, data, plain, tuned)."""
     from compress.export import gguf as export_gguf
     from compress.quantize import gguf as quantize_gguf, imatrix
-    work = tmp_path_factory.mktemp("qad")
     train, heldout = texts()
     data = save_data_artifact(train, heldout, work / "data")
-    model = make_tiny(tokenizer, hidden=128, intermediate=256, heads=4, kv_heads=2, layers=2, seed=5)
+    model = make_tiny(tokenizer, hidden=hidden, intermediate=intermediate, heads=4, kv_heads=2, layers=2, seed=seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -78,8 +77,16 @@ def tuned(tmp_path_factory, tokenizer):
     cfg = load_config([f"out={work}", "name=r", *TINY_QAD])
     f16 = export_gguf.run(cfg, teacher, work / "teacher-gguf-F16")
     im = imatrix.run(cfg, teacher, work / "teacher-imatrix", data=data)
-    plain = quantize_gguf.run(cfg, f16, work / "teacher-gguf-Q4_0", qtype="Q4_0", imatrix=im)
-    art = qad.run(cfg, plain, work / "teacher-gguf-Q4_0-qad", hf=teacher, teacher=teacher, data=data)
+    plain = quantize_gguf.run(cfg, f16, work / f"teacher-gguf-{qtype}", qtype=qtype, imatrix=im)
+    art = qad.run(cfg, plain, work / f"teacher-gguf-{qtype}-qad", hf=teacher, teacher=teacher, data=data)
+    return cfg, teacher, data, plain, art
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tokenizer):
+    """A tiny teacher 128 wide, its Q4_0 and the tuned Q4_0."""
+    work = tmp_path_factory.mktemp("qad")
+    cfg, teacher, data, plain, art = tiny_tuned(work, tokenizer, "Q4_0", hidden=128, intermediate=256, seed=5)
     return cfg, work, teacher, data, plain, art
 
 

@@ -9,13 +9,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, dequantize
 
-from compress.config import load_config
 from compress.quantize import blocks, kquants, qad
 from compress.quantize.kquants import KBlocks
 from compress.quantize.mix import ggml_quantize
 from compress.quantize.tune import Gridded
-from conftest import make_tiny, save_data_artifact, save_hf_artifact
-from test_qad import TINY_QAD, file_model, heldout_ids, llama_logprobs, texts, torch_logprobs
+from test_qad import file_model, heldout_ids, llama_logprobs, tiny_tuned, torch_logprobs
 
 KTYPES = tuple(kquants.LAYOUT)
 
@@ -127,22 +125,8 @@ def tuned_k(tmp_path_factory, tokenizer):
     """A tiny teacher 256 wide (k-quants need 256 columns) with a 384-wide MLP, so that ffn_down
     falls back to Q5_0 / Q8_0 as in most models' Q4_K_M; llama.cpp's Q4_K_M of it with an
     importance matrix, and that file tuned."""
-    from compress.export import gguf as export_gguf
-    from compress.quantize import gguf as quantize_gguf, imatrix
-    work = tmp_path_factory.mktemp("qad-k")
-    train, heldout = texts()
-    data = save_data_artifact(train, heldout, work / "data")
-    model = make_tiny(tokenizer, hidden=256, intermediate=384, heads=4, kv_heads=2, layers=2, seed=7)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(0.4)
-    teacher = save_hf_artifact(model, tokenizer, work / "teacher", stage="teacher")
-    cfg = load_config([f"out={work}", "name=r", *TINY_QAD])
-    f16 = export_gguf.run(cfg, teacher, work / "teacher-gguf-F16")
-    im = imatrix.run(cfg, teacher, work / "teacher-imatrix", data=data)
-    plain = quantize_gguf.run(cfg, f16, work / "teacher-gguf-Q4_K_M", qtype="Q4_K_M", imatrix=im)
-    art = qad.run(cfg, plain, work / "teacher-gguf-Q4_K_M-qad", hf=teacher, teacher=teacher, data=data)
+    _, teacher, data, plain, art = tiny_tuned(tmp_path_factory.mktemp("qad-k"), tokenizer, "Q4_K_M",
+                                              hidden=256, intermediate=384, seed=7)
     return teacher, data, plain, art
 
 
