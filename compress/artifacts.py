@@ -64,20 +64,22 @@ def load(path) -> Artifact:
     return Artifact(path, meta)
 
 
-def expected_hash(stage: str, config: dict, parents: list[Artifact | None]) -> str:
-    """Identity of an artifact: what made it and from what. Stable across runs and machines."""
-    blob = json.dumps({"stage": stage, "config": config,
-                       "parents": [p.hash if p else None for p in parents]},
-                      sort_keys=True, default=str)
+def expected_hash(stage: str, config: dict, parents: list[Artifact | None], code: str = "") -> str:
+    """Identity of an artifact: what made it (stage, config, the stage's code digest) and from what.
+    Stable across runs and machines."""
+    what = {"stage": stage, "config": config, "parents": [p.hash if p else None for p in parents]}
+    if code:
+        what["code"] = code
+    blob = json.dumps(what, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def find_done(out: Path, stage: str, config: dict, parents: list) -> Artifact | None:
-    """The finished artifact at `out` if it was made by exactly this stage/config/parents."""
+def find_done(out: Path, stage: str, config: dict, parents: list, code: str = "") -> Artifact | None:
+    """The finished artifact at `out` if it was made by exactly this stage/config/parents/code."""
     if not (out / META).is_file():
         return None
     art = load(out)
-    if art.meta.get("hash") != expected_hash(stage, config, parents):
+    if art.meta.get("hash") != expected_hash(stage, config, parents, code):
         return None
     # A main file that changed size after it was finished (truncated copy, disk error) is redone.
     file = art.meta.get("file", ".")
@@ -125,6 +127,7 @@ def writing(out, *, stage: str | None = None, config: dict | None = None, parent
         if stage is not None or config is not None or parents is not None:
             raise TypeError(f"stage {ident.stage}: the runner records stage, config and parents; do not pass them")
         stage, config, parents, format = ident.stage, ident.config, ident.parents, format or ident.format
+    code = ident.code if ident is not None else ""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} exists and was made differently; pass force=true to redo it or choose another name=")
@@ -137,7 +140,7 @@ def writing(out, *, stage: str | None = None, config: dict | None = None, parent
         "name": out.name, "stage": stage, "format": format, "quant": quant, "file": file,
         "parent": parents[0].name if parents else None,
         "parents": [{"name": p.name, "hash": p.hash, "path": str(p.path)} for p in parents],
-        "config": config, "hash": expected_hash(stage, config, parents),
+        "config": config, "code": code or None, "hash": expected_hash(stage, config, parents, code),
         "versions": library_versions(), "params": None, "metrics": {},
     }
     try:

@@ -10,8 +10,10 @@ wrapper that
   config a stage reads is in its identity; files named by a key (data=, a local teacher) are
   identified by that path, not their content;
 - computes the artifact's identity from exactly those keys (plus per-call `params` such as the
-  quantized type) and the hashes of its parents (`src` and the declared inputs, in that order),
-  which `artifacts.writing` records: stages never name their own config or parents;
+  quantized type), the hashes of its parents (`src` and the declared inputs, in that order) and a
+  digest of the stage's code (the source files of the package it lives in, so an upgraded or
+  edited stage redoes its artifacts instead of reusing what older code made), which
+  `artifacts.writing` records: stages never name their own config or parents;
 - times the stage and records its wall time, device and peak memory in the artifact's meta
   (`meta["cost"]`), so the report can show what each artifact cost to make.
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import hashlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +51,7 @@ class Stage:
     params: tuple = ()                          # per-call values hashed with the config (e.g. qtype)
     format: str | None = None                   # what the artifact is: hf, gguf, onnx, data, eval, ...
     extra: Callable | None = None               # view -> dict: derived facts that belong in the hash
+    module: str = ""                            # the module that defines the stage (its code digest)
 
     def keys(self, cfg) -> tuple:
         keys = self.reads(_root(cfg)) if callable(self.reads) else self.reads
@@ -61,7 +66,7 @@ class Stage:
         if self.extra is not None:
             config.update(self.extra(view, **{p: kwargs.get(p) for p in self.params}))
         parents = _flatten([src, *(kwargs.get(name) for name in self.inputs)])
-        return Identity(self.name, keys, config, parents, self.format)
+        return Identity(self.name, keys, config, parents, self.format, code_digest(self.module))
 
 
 @dataclass
@@ -71,13 +76,14 @@ class Identity:
     config: dict
     parents: list
     format: str | None
+    code: str = ""   # digest of the stage's source (code_digest)
     started: float = field(default_factory=time.time)
     gpu_base: int = 0   # CUDA bytes allocated when the stage started (tensors of earlier stages)
 
     @property
     def hash(self) -> str:
         from .artifacts import expected_hash
-        return expected_hash(self.stage, self.config, self.parents)
+        return expected_hash(self.stage, self.config, self.parents, self.code)
 
 
 _current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("stage", default=None)
@@ -90,9 +96,10 @@ def current() -> Identity | None:
 
 def stage(name: str, *, inputs=(), reads=(), params=(), format=None, extra=None):
     """Declare `run(cfg, src, out, **inputs_and_params)` as a stage; see the module docstring."""
-    spec = Stage(name, tuple(inputs), reads if callable(reads) else tuple(reads), tuple(params), format, extra)
-
     def wrap(fn):
+        spec = Stage(name, tuple(inputs), reads if callable(reads) else tuple(reads), tuple(params),
+                     format, extra, fn.__module__)
+
         @functools.wraps(fn)
         def run(cfg, src, out, **kwargs):
             unknown = set(kwargs) - set(spec.inputs) - set(spec.params)
@@ -115,6 +122,23 @@ def stage(name: str, *, inputs=(), reads=(), params=(), format=None, extra=None)
         run.stage = spec
         return run
     return wrap
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest(module: str) -> str:
+    """A digest of the source files of the package that holds `module` ("" when it has no file).
+
+    The whole package, not the one module: a stage's behaviour lives in its helpers too (qad in
+    tune.py, kquants.py, blocks.py). Shared top-level modules are left out, so a change there does
+    not redo every stage of every run; pass force=true after such a change."""
+    file = getattr(sys.modules.get(module), "__file__", None)
+    if not file:
+        return ""
+    root = Path(file).parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- the config a stage sees

@@ -93,3 +93,48 @@ def test_corrupt_meta_is_a_user_error(tmp_path):
     (tmp_path / "a" / "meta.json").write_text("{not json")
     with pytest.raises(UserError, match="corrupt"):
         artifacts.load(tmp_path / "a")
+
+
+STAGE_SRC = '''
+from compress import artifacts
+from compress.stage import stage
+from .helper import FILL
+
+CALLS = []
+
+@stage("export", reads=("distill.tokens",), format="gguf")
+def run(cfg, src, out):
+    CALLS.append(out.name)
+    with artifacts.writing(out) as (tmp, meta):
+        (tmp / "model.bin").write_bytes(FILL * cfg.distill.tokens)
+    return artifacts.load(out)
+'''
+
+
+def test_changed_stage_code_redoes_its_artifacts(tmp_path, monkeypatch):
+    """An upgraded (or edited) stage does not reuse what its older code made; config alone is not
+    the identity. A change anywhere in the stage's package counts (here its helper module)."""
+    import importlib
+    import sys
+
+    from compress.stage import code_digest
+    pkg = tmp_path / "src" / "stagepkg_code"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(STAGE_SRC)
+    (pkg / "helper.py").write_text("FILL = b'x'\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    mod = importlib.import_module("stagepkg_code")
+    try:
+        cfg = cfg_for(tmp_path / "runs")
+        first = Runner(cfg).step(mod.run, "e")
+        assert first.meta["code"] == code_digest("stagepkg_code") and len(first.meta["code"]) == 16
+        Runner(cfg).step(mod.run, "e")
+        assert mod.CALLS == ["e"]                       # same code, same config: reused
+        (pkg / "helper.py").write_text("FILL = b'y'\n")   # the helper changes, the stage's file does not
+        code_digest.cache_clear()
+        again = Runner(cfg).step(mod.run, "e")
+        assert mod.CALLS == ["e", "e"] and again.meta["code"] != first.meta["code"]
+        assert again.meta["hash"] != first.meta["hash"]
+    finally:
+        code_digest.cache_clear()
+        sys.modules.pop("stagepkg_code", None)
