@@ -2,6 +2,7 @@
 
     python bench/qad.py runs/<phone run> [--types Q4_0,Q4_1,Q4_K_M,int4] [--tokens 8192]
                         [--curve 1024,2048,4096,16384] [--only teacher|distilled] [--limit 200]
+                        [--set qad.sampled=0.5 ...] [--curve-only]
 
 Uses a finished run's teacher, distilled student, data split, F16 GGUFs, importance matrices and
 references. For each model and type it takes the plain file (llama.cpp's quantizer with the
@@ -10,7 +11,9 @@ has none, tunes it with `qad.tokens` train tokens (quantize/qad.py), and scores 
 runtime against the teacher: size, perplexity, KLD and top-1 on the held-out set and the
 out-of-domain set, and the benchmark tasks (arc_easy and copa from ../shared/data, the first
 `--limit` documents). `--curve` re-tunes the teacher's first type at each token count and prints
-KLD against tuning tokens. Prints a markdown table and writes --json.
+KLD against tuning tokens. `--set` passes config keys to the tuning (the tuned artifacts are
+named after them, so settings compare side by side); `--curve-only` skips the per-type rows.
+Prints a markdown table and writes --json.
 """
 import argparse
 import json
@@ -84,23 +87,26 @@ def main():
     ap.add_argument("--only", choices=("teacher", "distilled"))
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE config for the tuning")
+    ap.add_argument("--curve-only", action="store_true")
     args = ap.parse_args()
+    tag = "".join("-" + "".join(c if c.isalnum() else "_" for c in kv) for kv in args.set)
     run = Path(args.run).resolve()
     work = run.parent / f"{run.name}-qad-bench"
     threads = min(2, os.cpu_count() or 1)
     tasks = "[arc_easy,copa]" if SHARED.is_dir() else "[]"
     base = [f"out={run.parent}", f"name={run.name}", "export.onnx=fp32", "quantize.onnx=[int4]",
             f"eval.tasks={tasks}", f"eval.limit={args.limit}", "eval.memory=false", f"eval.task_data={SHARED}"]
-    cfg = load_config(base + [f"qad.tokens={args.tokens}"])
+    cfg = load_config(base + args.set + [f"qad.tokens={args.tokens}"])
     print(f"host: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; tuning {args.tokens} tokens; "
           f"threads {threads}", flush=True)
     rows = []
     for source in ("teacher", "distilled"):
-        if args.only and source != args.only:
+        if (args.only and source != args.only) or args.curve_only:
             continue
         for qtype in args.types.split(","):
             plain = plain_file(cfg, run, work, source, qtype)
-            tuned = tune(cfg, run, work, source, plain)
+            tuned = tune(cfg, run, work, source, plain, tag=tag)
             m = tuned.meta["metrics"]
             row = {"model": source, "type": qtype, "plain": score(cfg, plain, work, run, threads),
                    "tuned": score(cfg, tuned, work, run, threads), "tokens": m["tokens"], "seconds": m["seconds"],
@@ -114,11 +120,12 @@ def main():
         plain = plain_file(cfg, run, work, "teacher", qtype)
         curve_base = base[:4] + ["eval.tasks=[]", "eval.memory=false"]   # KLD only: no tasks
         for n in map(int, args.curve.split(",")):
-            c = load_config(curve_base + [f"qad.tokens={n}"])
-            tuned = tune(c, run, work, "teacher", plain, tag=f"-{n}")
-            s = score(c, tuned, work / f"curve-{n}", run, threads)
+            c = load_config(curve_base + args.set + [f"qad.tokens={n}"])
+            tuned = tune(c, run, work, "teacher", plain, tag=f"-{n}{tag}")
+            s = score(c, tuned, work / f"curve-{n}{tag}", run, threads)
             curve.append({"tokens": n, "kld": s["kld"], "ood_kld": s["ood_kld"], "top1": s["top1"],
-                          "seconds": tuned.meta["metrics"]["seconds"]})
+                          "ood_top1": s["ood_top1"], "seconds": tuned.meta["metrics"]["seconds"],
+                          "sample_seconds": tuned.meta["metrics"].get("sample_seconds")})
             print(json.dumps(curve[-1]), flush=True)
     print("\n| model | type | MB | ppl | KLD | top-1 | OOD KLD | arc_easy | copa | QAD MB | QAD ppl | QAD KLD | "
           "QAD top-1 | QAD OOD KLD | QAD arc_easy | QAD copa | tokens | s |")

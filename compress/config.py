@@ -176,6 +176,9 @@ class Qad:
     batch: int = key(1, "sequences per step", ge=1)
     lr: float = key(1e-3, "Adam learning rate of the relative scale changes", gt=0, lt=1)
     checkpoint_every: int = key(10, "steps between atomic checkpoints", ge=1)
+    sampled: float = key(0.5, "fraction of the training sequences the teacher writes itself from a random "
+                              "first token instead of the train split (reaches beyond the data's domain)",
+                         ge=0, lt=1)
 
 
 @dataclass

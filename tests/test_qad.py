@@ -58,7 +58,7 @@ def texts():
 
 
 TINY_QAD = ["quantize.imatrix_tokens=1024", "qad.tokens=8192", "qad.seq_len=64", "qad.batch=2", "qad.lr=0.003",
-            "qad.checkpoint_every=4"]
+            "qad.checkpoint_every=4", "qad.sampled=0"]   # in-domain tuning: the tests' held-out set is its domain
 
 
 def tiny_tuned(work, tokenizer, qtype: str, hidden: int, intermediate: int, seed: int):
@@ -193,13 +193,14 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbroken_
 
 
 def test_a_sigkilled_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_does(tuned, tmp_path):
+    """With teacher-sampled rows (qad.sampled), so the resume also reads back the sampled text."""
     import signal
     import subprocess
     import sys
     import time
-    cfg, work, teacher, data, plain, art = tuned
+    cfg, work, teacher, data, plain, _ = tuned
     out = tmp_path / "teacher-gguf-Q4_0-qad"
-    args = [f"out={tmp_path}", "name=r", *TINY_QAD]
+    args = [f"out={tmp_path}", "name=r", *TINY_QAD, "qad.sampled=0.25"]
     script = (
         "from compress import artifacts\n"
         "from compress.config import load_config\n"
@@ -219,10 +220,13 @@ def test_a_sigkilled_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbrok
     proc.wait()
     step = torch.load(ckpt, weights_only=True)["step"]
     assert 8 <= step < 64 and not out.exists()        # killed mid-tuning: nothing that looks finished
+    assert (ckpt.parent / "sampled.pt").is_file()
     resumed = qad.run(load_config(args), plain, out, hf=teacher, teacher=teacher, data=data)
     m = resumed.meta["metrics"]
-    assert m["steps"] == 64 and m["tokens"] == 8192 and not ckpt.parent.exists()
-    a, b = tensors_of(art.file), tensors_of(resumed.file)
+    assert m["steps"] == 64 and m["tokens"] == 8192 and m["sampled_seqs"] == round(0.25 * m["unique_tokens"] / 64) > 0 and not ckpt.parent.exists()
+    whole = qad.run(load_config([f"out={tmp_path / 'w'}", *args[1:]]), plain, tmp_path / "w" / out.name,
+                    hf=teacher, teacher=teacher, data=data)
+    a, b = tensors_of(whole.file), tensors_of(resumed.file)
     for name, t in a.items():
         if t.type in blocks.TUNABLE and name != "token_embd.weight":
             da, db = blocks.unpack(t.data, t.type, t.cols).d, blocks.unpack(b[name].data, t.type, t.cols).d
@@ -359,3 +363,23 @@ def test_ort_genai_runs_the_tuned_directory_as_onnxruntime_does(tuned_onnx, toke
     want = ort_logprobs(art.file, ids)[-1]
     got = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
     assert np.abs(got - want).max() < 1e-3
+
+
+def test_sampled_text_replaces_its_fraction_of_rows_and_a_resume_trains_on_the_same_text(tuned, tmp_path):
+    from compress.models import load_model, load_tokenizer
+    _, _, teacher, data, _, _ = tuned
+    seqs, _ = qad.train_tokens(load_tokenizer(str(teacher.path)), data, 1024, 64)
+    target = load_model(str(teacher.path))
+    state = torch.random.get_rng_state()
+    rows, _ = qad.with_sampled(target, seqs, 0.25, tmp_path / "a")
+    assert torch.equal(torch.random.get_rng_state(), state)      # the run's own randomness is untouched
+    replaced = [i for i in range(len(seqs)) if not torch.equal(rows[i], seqs[i])]
+    assert len(seqs) == 16 and len(replaced) == 4 and replaced != [12, 13, 14, 15]   # spread, not bunched
+    assert rows.shape == seqs.shape and int(rows.max()) < target.config.vocab_size
+    again, _ = qad.with_sampled(target, seqs, 0.25, tmp_path / "b")
+    assert torch.equal(again, rows)                               # seeded: the same text every time
+    saved = torch.load(tmp_path / "a" / "sampled.pt", weights_only=True)
+    torch.save(saved.flip(0), tmp_path / "a" / "sampled.pt")      # a resume reads the saved text back
+    resumed, _ = qad.with_sampled(target, seqs, 0.25, tmp_path / "a")
+    assert torch.equal(resumed[replaced], saved.flip(0))
+    assert qad.with_sampled(target, seqs, 0.0, tmp_path / "c")[0] is seqs and not (tmp_path / "c").exists()

@@ -39,7 +39,7 @@ CHECK = 512     # train tokens set aside to decide tuned vs plain in llama.cpp
 
 
 # What a tuned file is made of; qad.types and qad.of only decide which files the pipeline tunes.
-READS = ("qad.tokens", "qad.seq_len", "qad.batch", "qad.lr", "qad.checkpoint_every")
+READS = ("qad.tokens", "qad.seq_len", "qad.batch", "qad.lr", "qad.checkpoint_every", "qad.sampled")
 
 
 @stage("qad", inputs=("hf", "teacher", "data"), reads=READS, format="gguf")
@@ -148,14 +148,58 @@ def train(cfg, model, target, seqs, out: Path) -> dict:
         if step == 1 or step % 10 == 0 or step == total:
             print(f"  qad step {step}/{total}  KL {loss:.4f}  {time.time() - t0:.0f} s", flush=True)
     try:
-        history = tune(model.to(device), target.to(device), seqs, steps, q.lr, checkpoint_dir(out),
+        model.to(device), target.to(device)
+        seqs, sampled_s = with_sampled(target, seqs, q.sampled, checkpoint_dir(out))
+        history = tune(model, target, seqs, steps, q.lr, checkpoint_dir(out),
                        q.checkpoint_every, batch=q.batch, log=log)
         for layer in model.modules():      # a resumed run snaps the same checkpointed scales
             if isinstance(layer, Gridded):
                 layer.snap()
     finally:
         model.cpu(), target.cpu()
-    return history | {"device": device}
+    return history | {"device": device, "sampled_seqs": round(q.sampled * len(seqs)), "sample_seconds": sampled_s}
+
+
+def with_sampled(target, seqs, fraction: float, ckpt: Path):
+    """(`seqs` with round(fraction * N) of its N rows replaced by text the teacher writes itself from
+    a random first token, seconds it took). The run's data is one domain; the teacher's own samples
+    (LLM-QAT's data-free recipe) reach what it says elsewhere, so the scales are not fitted to one
+    domain alone. The samples are saved beside the checkpoints: a resumed run trains on the same text."""
+    import torch
+    n = round(fraction * len(seqs))
+    if n == 0:
+        return seqs, 0.0
+    t0 = time.time()
+    path = ckpt / "sampled.pt"
+    if path.is_file():
+        sampled = torch.load(path, weights_only=True)
+    else:
+        sampled = sample_text(target, n, seqs.shape[1])
+        ckpt.mkdir(parents=True, exist_ok=True)
+        torch.save(sampled, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    rows = seqs.clone()
+    at = ((torch.arange(n) + 0.5) * len(seqs) / n).long()   # spread through the cycle, not bunched
+    rows[at] = sampled.to(rows.device)
+    return rows, round(time.time() - t0, 1)
+
+
+def sample_text(target, n: int, length: int, batch: int = 16, seed: int = 0):
+    """[n, length] token ids the teacher samples at temperature 1 from the whole vocabulary, each
+    row after a uniformly random first token; no end of text within a row."""
+    import torch
+    device = next(target.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        first = torch.randint(target.config.vocab_size, (n, 1), device=device)
+        out = []
+        for i in range(0, n, batch):
+            x = first[i:i + batch]
+            with torch.inference_mode():
+                out.append(target.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0,
+                                           top_k=0, top_p=1.0, max_new_tokens=length - 1,
+                                           min_new_tokens=length - 1, pad_token_id=0).cpu())
+    return torch.cat(out)[:, :length]
 
 
 def budget_of(q, history: dict, seqs) -> dict:
@@ -163,6 +207,7 @@ def budget_of(q, history: dict, seqs) -> dict:
     tokens = history["steps"] * q.batch * q.seq_len
     return {"tokens": tokens, "steps": history["steps"], "unique_tokens": int(seqs.numel()),
             "seconds": round(seconds, 1), "ms_per_token": round(1000 * seconds / max(tokens, 1), 2),
+            "sampled_seqs": history.get("sampled_seqs", 0), "sample_seconds": history.get("sample_seconds", 0.0),
             "loss_first": history["loss"][0] if history["loss"] else None,
             "loss_last": history["loss"][-1] if history["loss"] else None}
 
