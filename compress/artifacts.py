@@ -74,12 +74,12 @@ def expected_hash(stage: str, config: dict, parents: list[Artifact | None], code
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def find_done(out: Path, stage: str, config: dict, parents: list, code: str = "") -> Artifact | None:
-    """The finished artifact at `out` if it was made by exactly this stage/config/parents/code."""
+def find_done(out: Path, want: str) -> Artifact | None:
+    """The finished artifact at `out` if its identity is `want` (expected_hash, Identity.hash)."""
     if not (out / META).is_file():
         return None
     art = load(out)
-    if art.meta.get("hash") != expected_hash(stage, config, parents, code):
+    if art.meta.get("hash") != want:
         return None
     # A main file that changed size after it was finished (truncated copy, disk error) is redone.
     file = art.meta.get("file", ".")

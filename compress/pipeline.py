@@ -56,7 +56,7 @@ class Runner:
     def _step(self, fn, out_name: str, src=None, agree=lambda reuse: reuse, **inputs):
         spec, out = fn.stage, self.cfg.run_dir / out_name
         ident = spec.identity(self.cfg, src, **inputs)
-        done = artifacts.find_done(out, ident.stage, ident.config, ident.parents, ident.code)
+        done = artifacts.find_done(out, ident.hash)
         forced = self.cfg.force or (self.cfg.stages and spec.name in self.cfg.stages)
         stale_parent = any(p.name in self.redone for p in ident.parents)
         reuse = agree(bool(done and not forced and not stale_parent))

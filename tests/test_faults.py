@@ -116,9 +116,9 @@ def test_finished_file_truncated_later_is_redone_not_reused(tmp_path):
     out = tmp_path / "gguf-X"
     with artifacts.writing(out, stage="export", config={}, parents=[], format="gguf", file="model.gguf") as (tmp, meta):
         (tmp / "model.gguf").write_bytes(b"x" * 1000)
-    assert artifacts.find_done(out, "export", {}, []) is not None
+    assert artifacts.find_done(out, artifacts.expected_hash("export", {}, [])) is not None
     (out / "model.gguf").write_bytes(b"x" * 500)
-    assert artifacts.find_done(out, "export", {}, []) is None
+    assert artifacts.find_done(out, artifacts.expected_hash("export", {}, [])) is None
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer, tiny_data):

@@ -101,7 +101,7 @@ def test_f16_round_trip_matches_hf(exported, llama_model, ids):
     assert f16.meta["quant"] == "F16" and f16.meta["format"] == "gguf"
     assert f16.meta["params"] == sum(p.numel() for p in llama_model.parameters())
     ident = export_gguf.run.stage.identity(cfg_for(), exported[0])
-    assert artifacts.find_done(f16.path, ident.stage, ident.config, ident.parents, ident.code)
+    assert artifacts.find_done(f16.path, ident.hash)
 
 
 def test_round_trip_fails_without_qk_permutation(llama_model, tokenizer, ids, tmp_path, monkeypatch):
@@ -283,7 +283,7 @@ def test_quantize_with_imatrix(exported, calibrated, ids, tmp_path, capfd, qtype
     assert m["fallbacks"] == (1 if qtype == "Q4_0" else 0)     # tied output wants Q6_K; width 64 < 256
     assert art.meta["config"] == {"qtype": qtype}    # the imatrix (1024 tokens) is a parent
     ident = quantize_gguf.run.stage.identity(cfg_for(), f16, qtype=qtype, imatrix=calibrated)
-    assert artifacts.find_done(art.path, ident.stage, ident.config, ident.parents, ident.code)   # the pipeline's resume check finds it
+    assert artifacts.find_done(art.path, ident.hash)   # the pipeline's resume check finds it
     assert [p["name"] for p in art.meta["parents"]] == ["gguf-F16", "imatrix"]
     assert (art.path / "Modelfile").read_text() == (f16.path / "Modelfile").read_text()
     assert "importance matrix" in (art.path / "quantize.log").read_text()

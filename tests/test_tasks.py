@@ -178,7 +178,7 @@ def test_gguf_f16_scores_within_one_stderr_of_hf_and_report_shows_tasks(tiny_pai
     # Same config again: the evaluation is reused (tasks are part of the stage's config).
     from compress.evaluate.stage import run as evaluate
     ident = evaluate.stage.identity(cfg, f16, teacher=hf, data=tiny_data, threads=resolved_threads(cfg))
-    assert artifacts.find_done(run_dir / "eval-gguf-F16", ident.stage, ident.config, ident.parents, ident.code)
+    assert artifacts.find_done(run_dir / "eval-gguf-F16", ident.hash)
 
 
 @needs_data

@@ -103,7 +103,7 @@ def run(cfg, src, out, *, teacher, data, threads: int, reference=None, ood=None)
 def made(fn, cfg, out: Path, src, **inputs) -> artifacts.Artifact:
     """The finished artifact of stage `fn` at `out` when it is current, else made now."""
     ident = fn.stage.identity(cfg, src, **inputs)
-    return artifacts.find_done(out, ident.stage, ident.config, ident.parents, ident.code) or fn(cfg, src, out, **inputs)
+    return artifacts.find_done(out, ident.hash) or fn(cfg, src, out, **inputs)
 
 
 def _fit(rt, src, threads, vocab, length, open_runtime):

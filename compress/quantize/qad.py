@@ -149,7 +149,7 @@ def train(cfg, model, target, seqs, out: Path) -> dict:
             print(f"  qad step {step}/{total}  KL {loss:.4f}  {time.time() - t0:.0f} s", flush=True)
     try:
         model.to(device), target.to(device)
-        seqs, sampled_s = with_sampled(target, seqs, q.sampled, checkpoint_dir(out))
+        seqs, sampled = with_sampled(target, seqs, q.sampled, checkpoint_dir(out))
         history = tune(model, target, seqs, steps, q.lr, checkpoint_dir(out),
                        q.checkpoint_every, batch=q.batch, log=log)
         for layer in model.modules():      # a resumed run snaps the same checkpointed scales
@@ -157,18 +157,18 @@ def train(cfg, model, target, seqs, out: Path) -> dict:
                 layer.snap()
     finally:
         model.cpu(), target.cpu()
-    return history | {"device": device, "sampled_seqs": round(q.sampled * len(seqs)), "sample_seconds": sampled_s}
+    return history | sampled | {"device": device}
 
 
 def with_sampled(target, seqs, fraction: float, ckpt: Path):
     """(`seqs` with round(fraction * N) of its N rows replaced by text the teacher writes itself from
-    a random first token, seconds it took). The run's data is one domain; the teacher's own samples
+    a random first token, {"sampled_seqs", "sample_seconds"}). The run's data is one domain; the teacher's own samples
     (LLM-QAT's data-free recipe) reach what it says elsewhere, so the scales are not fitted to one
     domain alone. The samples are saved beside the checkpoints: a resumed run trains on the same text."""
     import torch
     n = round(fraction * len(seqs))
     if n == 0:
-        return seqs, 0.0
+        return seqs, {"sampled_seqs": 0, "sample_seconds": 0.0}
     t0 = time.time()
     path = ckpt / "sampled.pt"
     if path.is_file():
@@ -180,8 +180,8 @@ def with_sampled(target, seqs, fraction: float, ckpt: Path):
         path.with_suffix(".tmp").replace(path)
     rows = seqs.clone()
     at = ((torch.arange(n) + 0.5) * len(seqs) / n).long()   # spread through the cycle, not bunched
-    rows[at] = sampled.to(rows.device)
-    return rows, round(time.time() - t0, 1)
+    rows[at] = sampled
+    return rows, {"sampled_seqs": n, "sample_seconds": round(time.time() - t0, 1)}
 
 
 def sample_text(target, n: int, length: int, batch: int = 16, seed: int = 0):
@@ -199,7 +199,7 @@ def sample_text(target, n: int, length: int, batch: int = 16, seed: int = 0):
                 out.append(target.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0,
                                            top_k=0, top_p=1.0, max_new_tokens=length - 1,
                                            min_new_tokens=length - 1, pad_token_id=0).cpu())
-    return torch.cat(out)[:, :length]
+    return torch.cat(out)
 
 
 def budget_of(q, history: dict, seqs) -> dict:
@@ -207,7 +207,7 @@ def budget_of(q, history: dict, seqs) -> dict:
     tokens = history["steps"] * q.batch * q.seq_len
     return {"tokens": tokens, "steps": history["steps"], "unique_tokens": int(seqs.numel()),
             "seconds": round(seconds, 1), "ms_per_token": round(1000 * seconds / max(tokens, 1), 2),
-            "sampled_seqs": history.get("sampled_seqs", 0), "sample_seconds": history.get("sample_seconds", 0.0),
+            "sampled_seqs": history["sampled_seqs"], "sample_seconds": history["sample_seconds"],
             "loss_first": history["loss"][0] if history["loss"] else None,
             "loss_last": history["loss"][-1] if history["loss"] else None}
 
