@@ -179,6 +179,9 @@ class Qad:
     sampled: float = key(0.5, "fraction of the training sequences the teacher writes itself from a random "
                               "first token instead of the train split (reaches beyond the data's domain)",
                          ge=0, lt=1)
+    hidden: float = key(200.0, "weight of the term pulling each layer's hidden states towards the teacher's, "
+                               "added to the KL when the tuned model has the teacher's layers (its own "
+                               "quantized copy); 0: KL alone", ge=0)
 
 
 @dataclass

@@ -39,7 +39,8 @@ CHECK = 512     # train tokens set aside to decide tuned vs plain in llama.cpp
 
 
 # What a tuned file is made of; qad.types and qad.of only decide which files the pipeline tunes.
-READS = ("qad.tokens", "qad.seq_len", "qad.batch", "qad.lr", "qad.checkpoint_every", "qad.sampled")
+READS = ("qad.tokens", "qad.seq_len", "qad.batch", "qad.lr", "qad.checkpoint_every", "qad.sampled",
+         "qad.hidden")
 
 
 @stage("qad", inputs=("hf", "teacher", "data"), reads=READS, format="gguf")
@@ -138,8 +139,9 @@ def train(cfg, model, target, seqs, out: Path) -> dict:
     there is one, and put K-quant scales on their grid (tune.Gridded.snap); both models are back
     on the CPU afterwards."""
     import torch
-    from .tune import Gridded, tune
+    from .tune import Gridded, same_shape, tune
     q = cfg.qad
+    hidden = q.hidden if same_shape(model, target) else 0.0   # a student's layers have no teacher twin
     steps = max(1, q.tokens // (q.seq_len * q.batch))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
@@ -151,13 +153,13 @@ def train(cfg, model, target, seqs, out: Path) -> dict:
         model.to(device), target.to(device)
         seqs, sampled = with_sampled(target, seqs, q.sampled, checkpoint_dir(out))
         history = tune(model, target, seqs, steps, q.lr, checkpoint_dir(out),
-                       q.checkpoint_every, batch=q.batch, log=log)
+                       q.checkpoint_every, batch=q.batch, log=log, hidden=hidden)
         for layer in model.modules():      # a resumed run snaps the same checkpointed scales
             if isinstance(layer, Gridded):
                 layer.snap()
     finally:
         model.cpu(), target.cpu()
-    return history | sampled | {"device": device}
+    return history | sampled | {"device": device, "hidden": hidden}
 
 
 def with_sampled(target, seqs, fraction: float, ckpt: Path):
@@ -208,6 +210,7 @@ def budget_of(q, history: dict, seqs) -> dict:
     return {"tokens": tokens, "steps": history["steps"], "unique_tokens": int(seqs.numel()),
             "seconds": round(seconds, 1), "ms_per_token": round(1000 * seconds / max(tokens, 1), 2),
             "sampled_seqs": history["sampled_seqs"], "sample_seconds": history["sample_seconds"],
+            "hidden": history["hidden"],
             "loss_first": history["loss"][0] if history["loss"] else None,
             "loss_last": history["loss"][-1] if history["loss"] else None}
 

@@ -10,7 +10,9 @@ Scales are trained as relative changes, d = d0 * (1 + s), and mins in units of t
 scale, m = m0 + d0 * t: one learning rate then fits blocks whose scales differ by orders of
 magnitude. K-quants, whose sub-block scales are integers under a float16 super-scale, train the
 same way and are then put on that grid (Gridded.snap). The loss is KL(teacher || model) per
-token over the whole vocabulary, the same quantity the evaluate stage reports.
+token over the whole vocabulary, the same quantity the evaluate stage reports, plus, when the
+model has the teacher's shape (its own quantized copy), a term pulling every layer's hidden
+states towards the teacher's (hidden_loss).
 """
 from __future__ import annotations
 
@@ -175,10 +177,26 @@ def kl_loss(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return forward_kl(torch.log_softmax(logits.float(), -1), torch.log_softmax(teacher_logits.float(), -1)).mean()
 
 
+def hidden_loss(states, teacher_states) -> torch.Tensor:
+    """Mean over layers of each layer's squared error against the teacher's hidden states, relative
+    to their mean square (so every layer counts alike, whatever its scale)."""
+    terms = [(h - t.float()).square().mean() / t.float().square().mean().clamp_min(1e-12)
+             for h, t in zip(states, teacher_states)]
+    return torch.stack(terms).mean()
+
+
+def same_shape(model, teacher) -> bool:
+    """The model's layers line up with the teacher's one for one (the teacher's own quantized copy)."""
+    a, b = model.config, teacher.config
+    return (a.num_hidden_layers, a.hidden_size) == (b.num_hidden_layers, b.hidden_size)
+
+
 def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Path, every: int,
-         batch: int = 1, log=None) -> dict:
+         batch: int = 1, log=None, hidden: float = 0.0) -> dict:
     """Train the Blockwise scales of `model` for `steps` steps of `batch` sequences of `seqs`
-    [N, L] (cycled), resuming from `ckpt_dir`. Returns the history."""
+    [N, L] (cycled), resuming from `ckpt_dir`, on KL(teacher || model) plus `hidden` times
+    hidden_loss (the model must then have the teacher's shape). Returns the history; its "loss"
+    is the KL alone."""
     groups: dict[float, list] = {}
     for m in model.modules():
         if isinstance(m, Blockwise):
@@ -188,13 +206,16 @@ def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Pa
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1 - i / max(steps, 1)))
     start, history = _load(ckpt_dir, model, opt, sched)
     seqs = seqs.to(next(model.parameters()).device)
-    teacher_logits = _teacher_cache(teacher, seqs, repeats=steps * batch > len(seqs))
+    teacher_out = _teacher_cache(teacher, seqs, repeats=steps * batch > len(seqs), hidden=hidden > 0)
     model.train(False)   # no dropout: the codes are fixed, only the scales learn
     t0 = time.time() - history.get("seconds", 0.0)
     # a run killed after its last checkpoint (while the file was written or checked) skips the loop
     for step in range(start, steps):
         rows = torch.arange(step * batch, (step + 1) * batch) % len(seqs)
-        loss = kl_loss(teacher_logits(rows), model(seqs[rows]).logits)
+        t_logits, t_states = teacher_out(rows)
+        out = model(seqs[rows], output_hidden_states=hidden > 0)
+        kl = kl_loss(t_logits, out.logits)
+        loss = kl + hidden * hidden_loss(out.hidden_states[1:], t_states) if hidden > 0 else kl
         if not math.isfinite(loss.item()):
             raise UserError(f"quantization-aware distillation diverged at step {step} (loss {loss.item()}); "
                             f"lower qad.lr")
@@ -202,39 +223,46 @@ def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Pa
         loss.backward()
         opt.step()
         sched.step()
-        history["loss"].append(round(loss.item(), 5))
+        history["loss"].append(round(kl.item(), 5))
         history["seconds"] = time.time() - t0
         if log:
-            log(step + 1, steps, loss.item())
+            log(step + 1, steps, kl.item())
         if (step + 1) % every == 0 or step + 1 == steps:
             _save(ckpt_dir, step + 1, model, opt, sched, history)
     return history | {"steps": steps}
 
 
-def _teacher_cache(teacher, seqs: torch.Tensor, repeats: bool, budget: float = CACHE_BYTES):
-    """rows -> the teacher's logits for those sequences, each computed once when the steps cycle
-    over them (`repeats`) and they all fit in `budget` bytes, else every time. Kept as float16
-    logits minus their maximum: exact to 1e-3 where the probability mass is, half of float32."""
-    cache: dict[int, torch.Tensor] = {}
-    keep = repeats and seqs.numel() * teacher.config.vocab_size * 2 <= budget
+def _teacher_cache(teacher, seqs: torch.Tensor, repeats: bool, hidden: bool = False, budget: float = CACHE_BYTES):
+    """rows -> (the teacher's logits for those sequences, its hidden states after each layer or
+    None), each computed once when the steps cycle over them (`repeats`) and they all fit in
+    `budget` bytes, else every time. Kept in float16, the logits minus their maximum: exact to
+    1e-3 where the probability mass is, half of float32."""
+    cache: dict[int, tuple] = {}
+    c = teacher.config
+    width = c.vocab_size + (c.num_hidden_layers * c.hidden_size if hidden else 0)
+    keep = repeats and seqs.numel() * width * 2 <= budget
 
-    def run(r: int) -> torch.Tensor:
+    def run(r: int) -> tuple:
         with torch.inference_mode():
-            z = teacher(seqs[r:r + 1]).logits[0].float()
-        return (z - z.amax(-1, keepdim=True)).half()
+            o = teacher(seqs[r:r + 1], output_hidden_states=hidden)
+        z = o.logits[0].float()
+        states = [h[0].half() for h in o.hidden_states[1:]] if hidden else None
+        return (z - z.amax(-1, keepdim=True)).half(), states
 
-    def logits(rows: torch.Tensor) -> torch.Tensor:
-        out = []
+    def outputs(rows: torch.Tensor) -> tuple:
+        got = []
         for r in rows.tolist():
             if r not in cache:
-                z = run(r)
+                o = run(r)
                 if not keep:
-                    out.append(z)
+                    got.append(o)
                     continue
-                cache[r] = z
-            out.append(cache[r])
-        return torch.stack(out).float()
-    return logits
+                cache[r] = o
+            got.append(cache[r])
+        logits = torch.stack([z for z, _ in got]).float()
+        states = [torch.stack(layer) for layer in zip(*(s for _, s in got))] if hidden else None
+        return logits, states
+    return outputs
 
 
 def _trained(model) -> dict[str, torch.Tensor]:
