@@ -204,19 +204,23 @@ def test_the_hidden_term_pulls_the_layers_towards_the_teachers_and_only_for_its_
     assert hidden_loss(shifted, states).item() == pytest.approx(hidden_loss(shifted[:1], states[:1]).item(), rel=0.1)
 
     target = load_model(str(teacher.path))
-    model = load_model(str(teacher.path))
-    qad.file_model(model, tensors_of(plain.file))
     seqs, _ = qad.train_tokens(__import__("compress.models", fromlist=["x"]).load_tokenizer(str(teacher.path)),
                                data, 2048, 64)
     ids = torch.tensor([heldout_ids(tokenizer, data, 128)])
 
-    def held_out_hidden():
+    def held_out_hidden(weight):
+        """The hidden-state error on held-out tokens after tuning with that weight."""
+        model = load_model(str(teacher.path))
+        qad.file_model(model, tensors_of(plain.file))
+        if weight is not None:
+            tune(model, target, seqs, 32, 0.003, tuned[1] / f"ckpt-hidden-{weight}", every=100, batch=2, hidden=weight)
         with torch.inference_mode():
             return hidden_loss(model(ids, output_hidden_states=True).hidden_states[1:],
                                target(ids, output_hidden_states=True).hidden_states[1:]).item()
-    before = held_out_hidden()
-    tune(model, target, seqs, 16, 0.003, tuned[1] / "ckpt-hidden", every=100, batch=2, hidden=200.0)
-    assert held_out_hidden() < 0.8 * before
+    plain_err, kl_alone, with_term = held_out_hidden(None), held_out_hidden(0.0), held_out_hidden(200.0)
+    # a 2-layer model's hidden states follow its logits closely, so the KL alone already pulls them
+    # (0.063 -> 0.054); the term goes further (0.053)
+    assert with_term < kl_alone < 0.9 * plain_err, (plain_err, kl_alone, with_term)
 
 
 def test_a_sigkilled_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_does(tuned, tmp_path):
