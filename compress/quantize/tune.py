@@ -3,7 +3,7 @@ quantized matrices are their stored blocks, w = d * q + m, with the block scales
 trained against the teacher's next-token distributions while the integer codes q stay fixed.
 
     layers = attach(model, {"model.layers.0.self_attn.q_proj": (q, d, m), ...})
-    history = tune(model, teacher, seqs, steps=60, lr=2e-3, ckpt_dir=..., every=10)
+    history = tune(model, teacher, seqs, steps=60, lr=2e-3, ckpt_dir=..., every=10, hidden=200.0)
     d, m = layers["model.layers.0.self_attn.q_proj"].stored()       # float32, ready to pack
 
 Scales are trained as relative changes, d = d0 * (1 + s), and mins in units of their block's
