@@ -180,8 +180,8 @@ class Qad:
                               "first token instead of the train split (reaches beyond the data's domain)",
                          ge=0, lt=1)
     hidden: float = key(200.0, "weight of the term pulling each layer's hidden states towards the teacher's, "
-                               "added to the KL when the tuned model has the teacher's layers (its own "
-                               "quantized copy); 0: KL alone", ge=0)
+                               "added to the KL when the tuned file is the teacher's own quantized copy (a "
+                               "student's trains on the KL alone); 0: KL alone", ge=0)
 
 
 @dataclass

@@ -223,6 +223,15 @@ def test_the_hidden_term_pulls_the_layers_towards_the_teachers_and_only_for_its_
     assert with_term < kl_alone < 0.9 * plain_err, (plain_err, kl_alone, with_term)
 
 
+def test_a_student_of_the_teachers_shape_trains_on_the_kl_alone(tuned, tokenizer, tmp_path):
+    from compress.models import load_model
+    _, _, teacher, data, plain, _ = tuned
+    twin = save_hf_artifact(load_model(str(teacher.path)), tokenizer, tmp_path / "distilled")
+    cfg = load_config([f"out={tmp_path}", "name=r", *TINY_QAD, "qad.tokens=512"])
+    art = qad.run(cfg, plain, tmp_path / "gguf-Q4_0-qad", hf=twin, teacher=teacher, data=data)
+    assert art.meta["metrics"]["hidden"] == 0.0 and art.meta["metrics"]["steps"] == 4
+
+
 def test_a_sigkilled_tuning_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_does(tuned, tmp_path):
     """With teacher-sampled rows (qad.sampled), so the resume also reads back the sampled text."""
     import signal

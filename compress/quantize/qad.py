@@ -63,7 +63,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
                         f"tune a file of those types or a k-quant mix of them (Q4_K_M, Q3_K_M, Q2_K …)")
     seqs, check = train_tokens(load_tokenizer(str(hf.path)), data, cfg.qad.tokens, cfg.qad.seq_len)
     with artifacts.writing(out, quant=qtype, file=OUT_FILE) as (tmp, meta):
-        history = train(cfg, model, target, seqs, out)
+        history = train(cfg, model, target, seqs, out, own_copy=hf.path == teacher.path)
         trained = {g: gguf_blocks(blocks[g], layers[n], perms.get(n)) for n, g in tunable.items()}
         write(Path(src.file), tmp / OUT_FILE, trained)
         checked = check_files(target, check, Path(src.file), tmp / OUT_FILE, logprobs)
@@ -134,14 +134,16 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / "checkpoints" / f"{out.name}-{ident.hash if ident else 'direct'}"
 
 
-def train(cfg, model, target, seqs, out: Path) -> dict:
+def train(cfg, model, target, seqs, out: Path, own_copy: bool = False) -> dict:
     """Tune `model`'s Blockwise layers against the teacher model `target` (tune.py), on CUDA when
     there is one, and put K-quant scales on their grid (tune.Gridded.snap); both models are back
     on the CPU afterwards."""
     import torch
     from .tune import Gridded, same_shape, tune
     q = cfg.qad
-    hidden = q.hidden if same_shape(model, target) else 0.0   # a student's layers have no teacher twin
+    # the hidden-state term only where each layer has a twin in the teacher: its own quantized copy
+    # (a student of the teacher's shape still computes other hidden states)
+    hidden = q.hidden if own_copy and same_shape(model, target) else 0.0
     steps = max(1, q.tokens // (q.seq_len * q.batch))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()

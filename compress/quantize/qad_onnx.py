@@ -48,7 +48,7 @@ def run(cfg, src, out, *, hf, teacher, data) -> artifacts.Artifact:
     layers = attach(model, module_blocks(mats, plan))
     seqs, check = qad.train_tokens(load_tokenizer(str(hf.path)), data, cfg.qad.tokens, cfg.qad.seq_len)
     with artifacts.writing(out, quant="int4", file=OUT_FILE) as (tmp, meta):
-        history = qad.train(cfg, model, target, seqs, out)
+        history = qad.train(cfg, model, target, seqs, out, own_copy=hf.path == teacher.path)
         scales = {name: np.concatenate([layers[mod].stored()[0].detach().numpy() for mod, _ in mods])
                   for name, mods in plan.items()}
         for f in Path(src.path).iterdir():      # config, tokenizer, genai_config: as the plain artifact's
