@@ -223,6 +223,24 @@ def test_the_hidden_term_pulls_the_layers_towards_the_teachers_and_only_for_its_
     assert with_term < kl_alone < 0.9 * plain_err, (plain_err, kl_alone, with_term)
 
 
+def test_the_teacher_cache_gives_the_same_logits_and_states_kept_or_recomputed(tuned):
+    from compress.models import load_model
+    from compress.quantize.tune import _teacher_cache
+    _, _, teacher, _, _, _ = tuned
+    target = load_model(str(teacher.path))
+    seqs = torch.randint(target.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    kept = _teacher_cache(target, seqs, repeats=True, hidden=True)
+    fresh = _teacher_cache(target, seqs, repeats=True, hidden=True, budget=0)
+    rows = torch.tensor([2, 0])
+    kept(rows)                                                      # fill the cache, then read from it
+    (lk, sk), (lf, sf) = kept(rows), fresh(rows)
+    assert torch.equal(lk, lf) and len(sk) == target.config.num_hidden_layers
+    assert all(a.shape == (2, 16, target.config.hidden_size) and torch.equal(a, b) for a, b in zip(sk, sf))
+    with torch.inference_mode():
+        want = target(seqs[2:3], output_hidden_states=True).hidden_states[-1][0].half()
+    assert torch.equal(sk[-1][0], want)                             # row order kept within the batch
+
+
 def test_a_student_of_the_teachers_shape_trains_on_the_kl_alone(tuned, tokenizer, tmp_path):
     from compress.models import load_model
     _, _, teacher, data, plain, _ = tuned

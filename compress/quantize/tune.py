@@ -181,7 +181,7 @@ def hidden_loss(states, teacher_states) -> torch.Tensor:
     """Mean over layers of each layer's squared error against the teacher's hidden states, relative
     to their mean square (so every layer counts alike, whatever its scale)."""
     terms = [(h - t.float()).square().mean() / t.float().square().mean().clamp_min(1e-12)
-             for h, t in zip(states, teacher_states)]
+             for h, t in zip(states, teacher_states, strict=True)]
     return torch.stack(terms).mean()
 
 
