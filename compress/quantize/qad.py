@@ -139,11 +139,11 @@ def train(cfg, model, target, seqs, out: Path, own_copy: bool = False) -> dict:
     there is one, and put K-quant scales on their grid (tune.Gridded.snap); both models are back
     on the CPU afterwards."""
     import torch
-    from .tune import Gridded, same_shape, tune
+    from .tune import Gridded, tune
     q = cfg.qad
     # the hidden-state term only where each layer has a twin in the teacher: its own quantized copy
     # (a student of the teacher's shape still computes other hidden states)
-    hidden = q.hidden if own_copy and same_shape(model, target) else 0.0
+    hidden = q.hidden if own_copy else 0.0
     steps = max(1, q.tokens // (q.seq_len * q.batch))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()

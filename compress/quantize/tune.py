@@ -11,7 +11,7 @@ scale, m = m0 + d0 * t: one learning rate then fits blocks whose scales differ b
 magnitude. K-quants, whose sub-block scales are integers under a float16 super-scale, train the
 same way and are then put on that grid (Gridded.snap). The loss is KL(teacher || model) per
 token over the whole vocabulary, the same quantity the evaluate stage reports, plus, when the
-model has the teacher's shape (its own quantized copy), a term pulling every layer's hidden
+model is the teacher's own quantized copy, a term pulling every layer's hidden
 states towards the teacher's (hidden_loss).
 """
 from __future__ import annotations
@@ -185,17 +185,11 @@ def hidden_loss(states, teacher_states) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def same_shape(model, teacher) -> bool:
-    """The model's layers line up with the teacher's one for one (the teacher's own quantized copy)."""
-    a, b = model.config, teacher.config
-    return (a.num_hidden_layers, a.hidden_size) == (b.num_hidden_layers, b.hidden_size)
-
-
 def tune(model, teacher, seqs: torch.Tensor, steps: int, lr: float, ckpt_dir: Path, every: int,
          batch: int = 1, log=None, hidden: float = 0.0) -> dict:
     """Train the Blockwise scales of `model` for `steps` steps of `batch` sequences of `seqs`
     [N, L] (cycled), resuming from `ckpt_dir`, on KL(teacher || model) plus `hidden` times
-    hidden_loss (the model must then have the teacher's shape). Returns the history; its "loss"
+    hidden_loss (the model must then have the teacher's layers). Returns the history; its "loss"
     is the KL alone."""
     groups: dict[float, list] = {}
     for m in model.modules():
